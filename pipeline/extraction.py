@@ -45,7 +45,7 @@ def extract_to_store(store: FeatureStore, images: dict[str, Path],
     names = list(images)
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = [pool.submit(_read, images[n]) for n in names[:prefetch]]
-        for i, name in enumerate(tqdm(names, desc=desc, unit="img", leave=False)):
+        for i, name in enumerate(tqdm(names, desc=desc, unit="img", leave=False, disable=None)):
             if i + prefetch < len(names):
                 pending.append(pool.submit(_read, images[names[i + prefetch]]))
             rgb, error = pending[i].result()

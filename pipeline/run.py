@@ -11,6 +11,7 @@ import numpy as np
 from stages.global_embed import extract as global_extract
 from stages.global_embed import search as global_search
 from stages.global_embed.whitening import apply_whitening, learn_pair_whitening, learn_pca_whitening
+from stages.local_delf import extract as local_extract
 
 from . import logger
 from .cache import FeatureStore, atomic_write_json
@@ -29,7 +30,7 @@ class RunConfig:
 
     stages: tuple[str, ...] = STAGES
     global_conf: dict = field(default_factory=lambda: dict(global_extract.default_conf, name="lite0-gem"))
-    local_conf: dict | None = None
+    local_conf: dict = field(default_factory=lambda: dict(local_extract.default_conf, name="delf-lite0"))
     rerank_conf: dict | None = None
     top_k: int = 100
     whitening: str = "auto"  # auto | learned | pca | none
@@ -151,6 +152,12 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
         out_dir, query_names, ref_names, order, scores, rc.top_k, {q for q in query_names if q not in features})
     timings["global"] = time.perf_counter() - start
     rankings_by_stage["global"] = order
+
+    if "local" in rc.stages:
+        start = time.perf_counter()
+        local_dir = local_extract.main(rc.local_conf, pairs_path, dataset.images, rc.cache, rc.overwrite)
+        timings["local"] = time.perf_counter() - start
+        logger.info("local features in %s", local_dir)
 
     skipped = {"queries": {n: errors[n] for n in query_names if n in errors},
                "references": {n: errors[n] for n in ref_names if n in errors}}

@@ -60,7 +60,8 @@ def describe(model: FeatureModel, rgb: np.ndarray, conf: dict) -> np.ndarray:
     backbone map is GeM-pooled (over the whole map and over each region's window) and
     L2-normalised; the scales are merged by a generalized mean with the same p (cirtorch
     ``extract_ms``) and L2-normalised. A model that returns vectors (TF-Hub) gives one
-    descriptor per scale, averaged.
+    descriptor per scale, averaged. A trained model's projection head (``model.head``)
+    maps each pooled vector before normalisation.
 
     Args:
         model: the backbone.
@@ -76,9 +77,10 @@ def describe(model: FeatureModel, rgb: np.ndarray, conf: dict) -> np.ndarray:
     for s in conf["scales"]:
         out = model(resize_by(base, s))
         if model.returns_map:
-            per_scale.append([gem(out[ys, xs], conf["gem_p"]) for ys, xs in region_slices(out.shape[:2], regions)])
+            pooled = [gem(out[ys, xs], conf["gem_p"]) for ys, xs in region_slices(out.shape[:2], regions)]
         else:
-            per_scale.append([out])
+            pooled = [out]
+        per_scale.append([model.head(v) for v in pooled] if model.head is not None else pooled)
     per_scale = l2_normalize(np.asarray(per_scale, np.float32))  # [S, G, D]
     p = conf["gem_p"] if model.returns_map else 1.0
     return np.stack([combine_scales(per_scale[:, g], p) for g in range(len(regions))])

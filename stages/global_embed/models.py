@@ -24,6 +24,8 @@ class FeatureModel:
 
     returns_map = True
     identity = ""
+    # Trained projection applied to each pooled vector ([D] -> [D']), or None.
+    head = None
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -48,9 +50,10 @@ class Lite0(FeatureModel):
             lite.set_weights(self.model, lite.imagenet_weights(cache_dir))
             self.identity = "lite0-imagenet-" + lite.shipped_checkpoint().name
         else:
-            from pipeline.model_dir import load_backbone_weights
+            from pipeline.model_dir import load_backbone_weights, load_global_head
 
             self.identity = load_backbone_weights(self.model, weights_dir)
+            self.head = load_global_head(weights_dir)
         self._run = _compiled(self.model)
 
     def __call__(self, rgb):

@@ -52,7 +52,7 @@ def rank_all(query_desc: np.ndarray, ref_desc: np.ndarray, batch: int = 256) -> 
         return order, scores
     index = make_index(ref_desc.shape[1])
     index.add(np.ascontiguousarray(ref_desc, np.float32))
-    for start in tqdm(range(0, q, batch), desc="faiss search", unit="batch", leave=False):
+    for start in tqdm(range(0, q, batch), desc="faiss search", unit="batch", leave=False, disable=None):
         block = query_desc[start:start + batch]
         b = len(block)
         sims, ids = index.search(np.ascontiguousarray(block.reshape(b * g, -1)), r)

@@ -1,0 +1,165 @@
+"""Local feature backends. Each maps an RGB image to keypoints in its own pixels.
+
+- "delf-lite0" (default, offline): the DELF recipe on the shipped ImageNet
+  EfficientNet-Lite0: dense stride-16 features (block 10, 112-d) over an image pyramid,
+  scored by a trained attention head when a model directory provides one, else by the
+  feature L2 norm.
+- "delf-hub" (needs internet unless given a local directory): the official DELF TF-Hub
+  module (``https://tfhub.dev/google/delf/1``), signature "default".
+- "sift": OpenCV SIFT with RootSIFT normalisation (Arandjelović & Zisserman, CVPR 2012).
+"""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.images import resize_by, resize_max_side
+from stages.backbone import efficientnet_lite as lite
+
+from .keypoints import dense_candidates, select_top
+
+DELF_HUB_URL = "https://tfhub.dev/google/delf/1"
+
+
+def _empty(dim: int) -> dict:
+    return {"keypoints_xy": np.zeros((0, 2), np.float32), "descriptors": np.zeros((0, dim), np.float32),
+            "scores": np.zeros(0, np.float32), "scales": np.zeros(0, np.float32)}
+
+
+class DenseLite0:
+    """DELF-style dense features from EfficientNet-Lite0's stride-16 map.
+
+    Output of `__call__`: raw (not yet PCA-reduced) L2-normalised 112-d descriptors.
+    """
+
+    dim = lite.STRIDE16_CHANNELS
+    needs_pca = True
+
+    def __init__(self, conf: dict, cache_dir: Path):
+        import tensorflow as tf
+
+        self.conf = conf
+        self.model = lite.build_lite0(outputs=("stride16",))
+        self.attention = None
+        if conf.get("weights_dir"):
+            from pipeline.model_dir import load_attention, load_backbone_weights
+
+            self.identity = load_backbone_weights(self.model, conf["weights_dir"])
+            self.attention = load_attention(conf["weights_dir"])
+        else:
+            lite.set_weights(self.model, lite.imagenet_weights(cache_dir))
+            self.identity = "lite0-imagenet-" + lite.shipped_checkpoint().name
+        self.layers = lite.strided_layers(lite.STRIDE16_BLOCK)
+        self._run = tf.function(lambda x: self.model(x, training=False)["stride16"], reduce_retracing=True)
+
+    def score(self, feature_map: np.ndarray) -> np.ndarray:
+        """[h, w, C] -> [h, w] keypoint scores: attention if trained, else feature L2 norm."""
+        if self.attention is not None:
+            return self.attention(feature_map)
+        return np.linalg.norm(feature_map, axis=-1)
+
+    def __call__(self, rgb: np.ndarray) -> dict:
+        base, base_scale = resize_max_side(rgb, self.conf["resize_max"])
+        h0, w0 = rgb.shape[:2]
+        levels = []
+        for s in self.conf["image_scales"]:
+            image = resize_by(base, s)
+            ih, iw = image.shape[:2]
+            if min(ih, iw) < self.conf["min_side"]:
+                continue
+            fmap = self._run(lite.preprocess(image)[None])[0].numpy()
+            xy, desc, scores = dense_candidates(fmap, self.score(fmap), self.layers, (ih, iw), (iw / w0, ih / h0))
+            levels.append({"keypoints_xy": xy, "descriptors": desc, "scores": scores,
+                           "scales": np.full(len(xy), base_scale * s, np.float32)})
+        out = select_top(levels, self.conf["max_feature_num"]) if levels else _empty(self.dim)
+        out["descriptors"] = _l2n(out["descriptors"]).reshape(-1, self.dim)
+        return out
+
+
+class DelfHub:
+    """The DELF TF-Hub module; its 40-d descriptors are already PCA-reduced.
+
+    `handle` is a URL (downloaded into ``TFHUB_CACHE_DIR`` on first use) or a local
+    directory holding the module.
+    """
+
+    dim = 40
+    needs_pca = False
+
+    def __init__(self, conf: dict, cache_dir: Path):
+        import tensorflow_hub as hub
+
+        self.conf = conf
+        handle = conf.get("hub_handle") or DELF_HUB_URL
+        self.module = hub.load(handle).signatures["default"]
+        self.identity = f"delf-hub-{handle}"
+
+    def __call__(self, rgb: np.ndarray) -> dict:
+        import tensorflow as tf
+
+        base, _ = resize_max_side(rgb, self.conf["resize_max"])
+        h0, w0 = rgb.shape[:2]
+        bh, bw = base.shape[:2]
+        out = self.module(
+            image=tf.constant(base.astype(np.float32) / 255.0),
+            score_threshold=tf.constant(float(self.conf["score_threshold"])),
+            image_scales=tf.constant(self.conf["image_scales"], tf.float32),
+            max_feature_num=tf.constant(int(self.conf["max_feature_num"])))
+        yx = np.asarray(out["locations"], np.float32).reshape(-1, 2)
+        desc = np.asarray(out["descriptors"], np.float32).reshape(len(yx), -1)
+        n = len(yx)
+        scores = np.asarray(out["attention"], np.float32).reshape(-1) if "attention" in out else np.ones(n, np.float32)
+        scales = np.asarray(out["scales"], np.float32).reshape(-1) if "scales" in out else np.ones(n, np.float32)
+        # DELF returns (y, x) in the pixels of the image it was given; convert once, here.
+        xy = (yx[:, ::-1] + 0.5) * np.array([w0 / bw, h0 / bh], np.float32) - 0.5
+        return {"keypoints_xy": xy.astype(np.float32), "descriptors": _l2n(desc).reshape(n, -1),
+                "scores": scores, "scales": scales}
+
+
+class Sift:
+    """OpenCV SIFT on the grayscale image, descriptors as RootSIFT (L1, square root)."""
+
+    dim = 128
+    needs_pca = False
+
+    def __init__(self, conf: dict, cache_dir: Path):
+        self.conf = conf
+        self.sift = cv2.SIFT_create(nfeatures=int(conf["max_feature_num"]))
+        self.identity = f"opencv-sift-{cv2.__version__}"
+
+    def __call__(self, rgb: np.ndarray) -> dict:
+        base, _ = resize_max_side(rgb, self.conf["resize_max"])
+        h0, w0 = rgb.shape[:2]
+        bh, bw = base.shape[:2]
+        if min(bh, bw) < self.conf["min_side"]:
+            return _empty(self.dim)
+        kps, desc = self.sift.detectAndCompute(cv2.cvtColor(base, cv2.COLOR_RGB2GRAY), None)
+        if not kps:
+            return _empty(self.dim)
+        kps, desc = kps[: self.conf["max_feature_num"]], desc[: self.conf["max_feature_num"]]
+        xy = np.array([k.pt for k in kps], np.float32)
+        root = np.sqrt(desc / np.maximum(desc.sum(axis=1, keepdims=True), 1e-12))
+        return {"keypoints_xy": ((xy + 0.5) * np.array([w0 / bw, h0 / bh], np.float32) - 0.5).astype(np.float32),
+                "descriptors": _l2n(root),
+                "scores": np.array([k.response for k in kps], np.float32),
+                "scales": np.array([k.size for k in kps], np.float32)}
+
+
+def _l2n(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12) if x.size else x
+
+
+BACKENDS = {"delf-lite0": DenseLite0, "delf-hub": DelfHub, "sift": Sift}
+
+
+def load_backend(conf: dict, cache_dir: Path):
+    """Instantiates the backend named by ``conf["backend"]``.
+
+    Raises:
+        ValueError: unknown backend name.
+    """
+    if conf["backend"] not in BACKENDS:
+        raise ValueError(f"unknown local backend {conf['backend']!r}; choose one of {sorted(BACKENDS)}")
+    return BACKENDS[conf["backend"]](conf, cache_dir)

@@ -1,0 +1,33 @@
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def weights_cache(tmp_path_factory):
+    """A cache folder shared by the session's tests, so the weight conversion runs once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def demo_data(weights_cache):
+    from pipeline.demo import build_demo
+
+    return build_demo(weights_cache / "demo")
+
+
+def write_image(path: Path, rgb: np.ndarray) -> Path:
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, buf = cv2.imencode(path.suffix or ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    path.write_bytes(buf.tobytes())
+    return path

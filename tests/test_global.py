@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from stages.global_embed.extract import default_conf, describe, region_slices
+from stages.global_embed.models import FeatureModel, HubFeatureVector, KerasResNet50
+from stages.global_embed.pooling import combine_scales, gem, l2_normalize
+from stages.global_embed.search import rank_all, read_pairs, write_ranking
+from stages.global_embed.whitening import apply_whitening, learn_pair_whitening, learn_pca_whitening, same_class_pairs
+
+
+def test_gem_hand_computed():
+    fmap = np.zeros((2, 2, 2), np.float32)
+    fmap[..., 0] = [[1, 2], [3, 4]]
+    fmap[..., 1] = 2.0
+    # p = 1 is the mean; p = 3 is the cube root of the mean cube
+    np.testing.assert_allclose(gem(fmap, p=1), [2.5, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(gem(fmap, p=3), [((1 + 8 + 27 + 64) / 4) ** (1 / 3), 2.0], rtol=1e-6)
+    # large p approaches max pooling
+    assert gem(fmap, p=200)[0] == pytest.approx(4.0, rel=0.01)
+
+
+def test_combine_scales_is_unit_norm_generalized_mean():
+    d = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    np.testing.assert_allclose(combine_scales(d, p=1), [2 ** -0.5, 2 ** -0.5], rtol=1e-6)
+    assert np.linalg.norm(combine_scales(np.random.default_rng(0).random((3, 16)), p=3)) == pytest.approx(1.0)
+
+
+def test_region_slices_cover_fractions_and_never_empty():
+    slices = region_slices((10, 20), [[0, 0, 1, 1], [0.25, 0.5, 0.75, 1.0], [0.99, 0.99, 1, 1]])
+    assert slices[0] == (slice(0, 10), slice(0, 20))
+    assert slices[1] == (slice(2, 8), slice(10, 20))  # round(2.5) = 2, round(7.5) = 8
+    ys, xs = slices[2]
+    assert ys.stop > ys.start and xs.stop > xs.start
+
+
+def test_rank_all_matches_brute_force_and_is_a_permutation():
+    rng = np.random.default_rng(1)
+    refs = l2_normalize(rng.normal(size=(50, 16)))
+    queries = l2_normalize(rng.normal(size=(7, 16)))
+    order, scores = rank_all(queries, refs)
+    sims = queries @ refs.T
+    np.testing.assert_array_equal(order, np.argsort(-sims, axis=1, kind="stable"))
+    np.testing.assert_allclose(scores, np.take_along_axis(sims, order, 1), rtol=1e-5, atol=1e-6)
+    assert all(sorted(row) == list(range(50)) for row in order.tolist())
+
+
+def test_rank_all_with_regions_takes_the_best_region():
+    refs = np.eye(3, dtype=np.float32)
+    # query region 0 looks like ref 0 a little, region 1 exactly like ref 2
+    queries = l2_normalize(np.array([[[0.6, 0.5, 0.0], [0.0, 0.0, 1.0]]], np.float32))
+    order, scores = rank_all(queries, refs)
+    assert order[0].tolist() == [2, 0, 1]
+    assert scores[0, 0] == pytest.approx(1.0)
+
+
+def test_shortlist_round_trip(tmp_path):
+    order = np.array([[2, 0, 1], [1, 2, 0]], np.int32)
+    _, pairs = write_ranking(tmp_path, ["q a", "q2"], ["r0", "r 1", "r2"], order, np.zeros((2, 3), np.float32),
+                             top_k=2, unranked={"q2"})
+    assert pairs.name == "pairs-global-top2.txt"
+    assert read_pairs(pairs) == {"q a": ["r2", "r0"]}
+
+
+def test_pca_whitening_decorrelates():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 8)) @ rng.normal(size=(8, 8))
+    w = learn_pca_whitening(x, dim=8)
+    y = (x - w["mean"]) @ w["projection"].T
+    np.testing.assert_allclose(np.cov(y.T, bias=True), np.eye(8), atol=1e-3)
+    assert apply_whitening(x, w).shape == (500, 8)
+
+
+def test_same_class_pairs():
+    first, second = same_class_pairs(["a", "b", "a", "a", "c"])
+    assert sorted(zip(first.tolist(), second.tolist(), strict=True)) == [(0, 2), (0, 3), (2, 3)]
+
+
+def test_pair_whitening_brings_matching_pairs_together():
+    """A nuisance direction that varies within classes is suppressed by learned whitening."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, 6))
+    labels = np.repeat(np.arange(20), 4)
+    x = centres[labels] + 0.05 * rng.normal(size=(80, 6))
+    x[:, 0] += 5.0 * rng.normal(size=80)  # large within-class nuisance
+    w = learn_pair_whitening(x, labels, dim=5)
+    y = apply_whitening(x, w)
+    same = labels[:, None] == labels[None]
+    sims = y @ y.T
+    raw = l2_normalize(x) @ l2_normalize(x).T
+    assert sims[same].mean() - sims[~same].mean() > raw[same].mean() - raw[~same].mean() + 0.3
+    with pytest.raises(ValueError):
+        learn_pair_whitening(x[:3], [0, 1, 2])
+
+
+class ConstantMap(FeatureModel):
+    def __call__(self, rgb):
+        return np.ones((4, 6, 8), np.float32) * rgb.mean()
+
+
+def test_describe_returns_unit_region_descriptors():
+    d = describe(ConstantMap(), np.full((100, 150, 3), 7, np.uint8), default_conf)
+    assert d.shape == (len(default_conf["regions"]), 8)
+    np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, rtol=1e-5)
+
+
+def test_keras_resnet50_loading_code_without_download():
+    model = KerasResNet50(weights=None)  # the "imagenet" path is the same call with a download
+    out = model(np.zeros((64, 96, 3), np.uint8))
+    assert out.shape == (2, 3, 2048)
+
+
+def test_tfhub_feature_vector_from_a_local_module(tmp_path):
+    class Stub(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+        def __call__(self, images):
+            return tf.concat([tf.reduce_mean(images, axis=[1, 2]), tf.reduce_max(images, axis=[1, 2])], axis=1)
+
+    tf.saved_model.save(Stub(), str(tmp_path / "module"))
+    model = HubFeatureVector(str(tmp_path / "module"), input_size=32)
+    rgb = np.zeros((40, 50, 3), np.uint8)
+    rgb[..., 1] = 255
+    np.testing.assert_allclose(model(rgb), [0, 1, 0, 0, 1, 0], atol=1e-6)
+    assert model.returns_map is False
+    with pytest.raises(ValueError, match="hub-handle"):
+        HubFeatureVector("")

@@ -1,0 +1,82 @@
+"""End to end on the demo dataset (built from scikit-image photos): outputs, metrics, cache reuse."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline import nsml
+from pipeline.dataset import load_dataset
+from pipeline.run import RunConfig, run
+
+
+@pytest.fixture(scope="module")
+def global_run(demo_data, weights_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    rc = RunConfig(stages=("global",), cache=weights_cache, top_k=5)
+    return load_dataset(demo_data), out, rc, run(load_dataset(demo_data), out, rc)
+
+
+def test_rankings_are_full_permutations(global_run):
+    dataset, out, _, result = global_run
+    rankings = json.loads((out / "rankings.json").read_text())
+    assert list(rankings) == list(dataset.queries)
+    for ranked in rankings.values():
+        assert sorted(ranked) == sorted(dataset.references)
+
+
+def test_nsml_results_structure(global_run):
+    dataset, out, _, _ = global_run
+    results = json.loads((out / "nsml_results.json").read_text())
+    assert [r[0] for r in results] == list(range(len(dataset.queries)))
+    assert [r[1][0] for r in results] == list(dataset.queries)
+    assert all(sorted(r[1][1]) == sorted(dataset.references) for r in results)
+
+
+def test_metrics_and_shortlist_written(global_run):
+    dataset, out, rc, result = global_run
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert set(metrics) == {"global"}
+    assert metrics["global"]["n_queries"] == len(dataset.queries)
+    # synthetic views of the bundled photos: the ImageNet descriptor finds most of them first
+    assert metrics["global"]["Recall@1"] >= 0.8
+    pairs = (out / f"pairs-global-top{rc.top_k}.txt").read_text().splitlines()
+    assert len(pairs) == rc.top_k * len(dataset.queries)
+    assert json.loads((out / "skipped.json").read_text()) == {"queries": {}, "references": {}}
+
+
+def test_rerun_reuses_the_cache(global_run, monkeypatch):
+    dataset, out, rc, first = global_run
+    from stages.global_embed import extract
+
+    calls = []
+    original = extract.describe
+    monkeypatch.setattr(extract, "describe", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again = run(dataset, out, rc)
+    assert calls == []
+    assert again["rankings"] == first["rankings"]
+
+
+def test_nsml_infer_contract(global_run, tmp_path):
+    dataset, _, rc, result = global_run
+    nsml.configure(config=rc)
+    out = nsml.infer([str(p) for p in dataset.queries.values()], [str(p) for p in dataset.references.values()])
+    assert isinstance(out, list) and len(out) == len(dataset.queries)
+    for i, (index, (query, refs)) in enumerate(out):
+        assert index == i and isinstance(query, str) and isinstance(refs, list)
+        assert sorted(refs) == sorted(dataset.references)
+    assert {q: refs for _, (q, refs) in out} == result["rankings"]
+    # db omitted: the reference folder beside the queries' folder is read
+    assert nsml.infer([str(p) for p in dataset.queries.values()]) == out
+
+
+def test_global_descriptors_are_unit_norm(global_run):
+    _, _, rc, _ = global_run
+    from pipeline.cache import FeatureStore
+
+    folders = list((rc.cache / "global").iterdir())
+    assert len(folders) == 1
+    store = FeatureStore.open(folders[0])
+    names = sorted(store.names())
+    d = np.stack([store.read(n)["descriptor"] for n in names])
+    np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, rtol=1e-5)
