@@ -1,0 +1,128 @@
+"""Stage 2 local features: geometry, empty inputs, the delf-hub loading path (stub module)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from skimage import data
+
+from pipeline.conf import resolve
+from stages.local_delf import extract as local_extract
+from stages.local_delf.backends import DelfHub, DenseLite0, Sift
+from stages.local_delf.geometry import rotate_image, unrotate_points
+from stages.local_delf.keypoints import select_top
+
+
+def conf(name="delf-lite0", **override):
+    return resolve(local_extract.default_conf, local_extract.confs, name, override)
+
+
+@pytest.fixture(scope="module")
+def lite0(weights_cache):
+    return DenseLite0(conf(image_scales=[1.0], resize_max=512), weights_cache)
+
+
+def textured_patch_image():
+    """Flat grey 320x240 image with one textured 48x48 patch whose centre is (x=230, y=70)."""
+    rgb = np.full((240, 320, 3), 128, np.uint8)
+    patch = data.astronaut()[180:228, 200:248]
+    rgb[46:94, 206:254] = patch
+    return rgb
+
+
+def test_keypoints_lie_inside_the_image(lite0):
+    rgb = data.astronaut()[:300, :220]
+    feats = local_extract.describe(lite0, rgb, [0, 90, 270], None)
+    xy = feats["keypoints_xy"]
+    assert len(xy) > 0
+    assert np.all(xy >= 0) and np.all(xy[:, 0] <= 219) and np.all(xy[:, 1] <= 299)
+    assert feats["image_size"].tolist() == [220, 300]
+    assert set(feats["rotations"].tolist()) == {0, 90, 270}
+    assert feats["descriptors"].dtype == np.float16
+
+
+@pytest.mark.parametrize("degrees", [90, 270])
+def test_rotation_moves_keypoints_accordingly(lite0, degrees):
+    rgb = textured_patch_image()
+    upright = lite0(rgb)
+    rotated = lite0(rotate_image(rgb, degrees))
+    back = unrotate_points(rotated["keypoints_xy"], degrees, (320, 240))
+    # the strongest responses sit on the textured patch in both, within one stride (16 px)
+    np.testing.assert_allclose(back[0], upright["keypoints_xy"][0], atol=16)
+    assert abs(upright["keypoints_xy"][0][0] - 230) < 32 and abs(upright["keypoints_xy"][0][1] - 70) < 32
+    # and the whole grid of cells maps onto the upright grid within one stride
+    dist = np.linalg.norm(back[:, None] - upright["keypoints_xy"][None], axis=-1).min(axis=1)
+    assert dist.max() <= 16
+
+
+def test_unrotate_points_inverts_rot90():
+    img = np.zeros((5, 7), int)
+    img[1, 5] = 1  # (x=5, y=1)
+    for degrees in (0, 90, 180, 270):
+        y, x = np.argwhere(rotate_image(img, degrees) == 1)[0]
+        np.testing.assert_array_equal(unrotate_points(np.array([[x, y]]), degrees, (7, 5)), [[5, 1]])
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 3), (1, 1, 3), (12, 400, 3)])
+def test_tiny_images_give_zero_keypoints(lite0, weights_cache, shape):
+    rgb = np.full(shape, 90, np.uint8)
+    for backend in (lite0, Sift(conf("sift"), weights_cache)):
+        feats = local_extract.describe(backend, rgb, [0, 90], None)
+        assert feats["keypoints_xy"].shape == (0, 2)
+        assert feats["descriptors"].shape == (0, backend.dim)
+
+
+def test_flat_image_gives_zero_sift_keypoints(weights_cache):
+    feats = Sift(conf("sift"), weights_cache)(np.full((200, 300, 3), 40, np.uint8))
+    assert feats["keypoints_xy"].shape == (0, 2)
+
+
+def test_rootsift_descriptors_are_unit_norm_inside(weights_cache):
+    rgb = data.astronaut()
+    feats = Sift(conf("sift"), weights_cache)(rgb)
+    assert 100 < len(feats["keypoints_xy"]) <= 1000
+    np.testing.assert_allclose(np.linalg.norm(feats["descriptors"], axis=1), 1.0, rtol=1e-5)
+    assert np.all(feats["keypoints_xy"] >= -0.5) and np.all(feats["keypoints_xy"] <= 511.5)
+
+
+def test_select_top_keeps_best_across_levels():
+    levels = [{"keypoints_xy": np.array([[0, 0], [1, 1]], np.float32), "descriptors": np.eye(2, dtype=np.float32),
+               "scores": np.array([1.0, 5.0], np.float32), "scales": np.array([1.0, 1.0], np.float32)},
+              {"keypoints_xy": np.array([[9, 9]], np.float32), "descriptors": np.ones((1, 2), np.float32),
+               "scores": np.array([3.0], np.float32), "scales": np.array([0.5], np.float32)}]
+    top = select_top(levels, max_num=2)
+    assert top["keypoints_xy"].tolist() == [[1, 1], [9, 9]] and top["scales"].tolist() == [1.0, 0.5]
+    assert select_top(levels, max_num=5, score_threshold=2.0)["scores"].tolist() == [5.0, 3.0]
+
+
+class StubDelf(tf.Module):
+    """Same signature as tfhub.dev/google/delf/1 "default": locations are (y, x)."""
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None, None, 3], tf.float32, name="image"),
+        tf.TensorSpec([], tf.float32, name="score_threshold"),
+        tf.TensorSpec([None], tf.float32, name="image_scales"),
+        tf.TensorSpec([], tf.int32, name="max_feature_num")])
+    def default(self, image, score_threshold, image_scales, max_feature_num):
+        h = tf.cast(tf.shape(image)[0], tf.float32)
+        w = tf.cast(tf.shape(image)[1], tf.float32)
+        locations = tf.stack([[0.0, 0.0], [h - 1, w - 1], [10.0, 20.0]])
+        brightness = tf.reduce_mean(image)
+        descriptors = tf.tile(tf.reshape(brightness, [1, 1]), [3, 40])
+        return {"locations": locations, "descriptors": descriptors,
+                "scales": tf.ones([3]), "attention": tf.fill([3], score_threshold)}
+
+
+def test_delf_hub_backend_with_a_stub_module(tmp_path, weights_cache):
+    module = StubDelf()
+    tf.saved_model.save(module, str(tmp_path / "delf"), signatures={"default": module.default})
+    backend = DelfHub(conf("delf-hub", hub_handle=str(tmp_path / "delf"), resize_max=100), weights_cache)
+    rgb = np.full((300, 200, 3), 255, np.uint8)  # resized to 100 x 67 before the module
+    feats = backend(rgb)
+    # (y, x) of the resized image -> (x, y) of the original
+    np.testing.assert_allclose(feats["keypoints_xy"][0], [0.0, 0.0], atol=1.6)
+    np.testing.assert_allclose(feats["keypoints_xy"][1], [199, 299], atol=1.6)
+    np.testing.assert_allclose(feats["keypoints_xy"][2], [(20 + 0.5) * 200 / 67 - 0.5, (10 + 0.5) * 3 - 0.5], atol=0.1)
+    np.testing.assert_allclose(np.linalg.norm(feats["descriptors"], axis=1), 1.0, rtol=1e-5)
+    assert feats["scores"].tolist() == [100.0, 100.0, 100.0]  # the conf's score_threshold reached the module
+    entry = local_extract.describe(backend, rgb, [0], None)
+    assert entry["descriptors"].shape == (3, 40) and entry["descriptors"].dtype == np.float16
