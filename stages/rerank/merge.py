@@ -30,7 +30,7 @@ def _inlier_matrix(inliers, n_queries: int, k: int) -> np.ndarray:
 
 
 def rerank(order: np.ndarray, global_scores: np.ndarray, inliers, top_k: int, rule: str = "delg",
-           min_inliers: int = 20, weight: float = 0.5) -> np.ndarray:
+           min_inliers: int = 25, weight: float = 0.5) -> np.ndarray:
     """Reorders the top-k of each global ranking by geometric verification.
 
     Rules, applied to positions < top_k only (a pair counts as verified when its inliers
