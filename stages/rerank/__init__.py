@@ -1,0 +1,1 @@
+"""Stage 3: RANSAC geometric verification of the shortlist, merged into the global ranking."""

@@ -1,0 +1,140 @@
+"""Stage 3b: merges RANSAC inlier counts into the global ranking.
+
+Only the first `top_k` positions of each query's global ranking are reordered; below them
+the global order is kept, and every reference appears exactly once in every list. The
+merge reads cached counts (`verify.main`), so changing the rule, `top_k`, `min_inliers`
+or `weight` reranks without matching again.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import logger
+from pipeline.cache import FeatureStore
+
+RULES = ("delg", "weighted")
+INLIER_CAP = 70  # inliers at which the weighted rule's bonus saturates
+
+
+def _inlier_matrix(inliers, n_queries: int, k: int) -> np.ndarray:
+    """int64 [Q, k] from a per-query sequence of counts over the top positions; positions
+    beyond a query's counts get 0."""
+    out = np.zeros((n_queries, k), np.int64)
+    if len(inliers) != n_queries:
+        raise ValueError(f"inliers has {len(inliers)} rows for {n_queries} queries")
+    for q, row in enumerate(inliers):
+        row = np.asarray(row, np.int64).ravel()[:k]
+        out[q, :len(row)] = row
+    return out
+
+
+def rerank(order: np.ndarray, global_scores: np.ndarray, inliers, top_k: int, rule: str = "delg",
+           min_inliers: int = 25, weight: float = 0.5) -> np.ndarray:
+    """Reorders the top-k of each global ranking by geometric verification.
+
+    Rules, applied to positions < top_k only (a pair counts as verified when its inliers
+    are >= max(min_inliers, 1); unverified pairs count 0 inliers):
+
+    - "delg" (default; Cao et al., "Unifying Deep Local and Global Features for Image
+      Search", ECCV 2020, as in tensorflow/models research/delf ``image_reranking.py``,
+      which sorts by (inliers, global score)): verified pairs first, by inlier count
+      descending; ties and the unverified rest keep their global order.
+    - "weighted": by global score + weight * min(inliers, 70) / 70, descending; ties keep
+      the global order.
+
+    Args:
+        order: int [Q, R] reference indices, best first (``global_ranking.npz`` "order").
+        global_scores: float [Q, R] the global score at each position of `order` (row-wise
+            aligned with `order`, as ``global_ranking.npz`` "scores").
+        inliers: [Q] sequences (or an int array [Q, k']) of inlier counts of the
+            references at positions 0, 1, ... of each row of `order`; positions beyond a
+            row's length (up to top_k) count as unverified.
+        top_k: positions reordered per query; the rest keep the global order.
+        rule: "delg" or "weighted".
+        min_inliers: fewest inliers for a pair to count as verified.
+        weight: the weighted rule's inlier weight, in global-score units.
+
+    Returns:
+        int32 [Q, R] reordered reference indices; each row is a permutation of the row of
+        `order`, identical to it from position top_k on.
+
+    Raises:
+        ValueError: unknown rule, shapes that disagree, or top_k < 0.
+    """
+    order = np.asarray(order)
+    global_scores = np.asarray(global_scores, np.float64)
+    if rule not in RULES:
+        raise ValueError(f"unknown merge rule {rule!r}; choose one of {RULES}")
+    if order.ndim != 2 or global_scores.shape != order.shape:
+        raise ValueError(f"order {order.shape} and global_scores {global_scores.shape} must both be [Q, R]")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    n_queries, n_refs = order.shape
+    k = min(top_k, n_refs)
+    counts = _inlier_matrix(inliers, n_queries, k)
+    counts[counts < max(min_inliers, 1)] = 0
+    position = np.broadcast_to(np.arange(k), (n_queries, k))
+    if rule == "delg":
+        primary = -counts.astype(np.float64)  # unverified: 0 > any -n, so after verified ones
+    else:
+        primary = -(global_scores[:, :k] + weight * np.minimum(counts, INLIER_CAP) / INLIER_CAP)
+    # lexsort: the last key is the primary one; position breaks ties (the global order).
+    top = np.lexsort((position, primary), axis=-1)
+    out = np.array(order, np.int32, copy=True)
+    out[:, :k] = np.take_along_axis(order[:, :k], top, axis=1)
+    return out
+
+
+def load_inliers(store, pairs) -> dict[str, dict[str, int]]:
+    """Cached inlier counts of the pairs of a shortlist.
+
+    Args:
+        store: the inlier cache (a `FeatureStore`, or its folder as returned by
+            `verify.main`).
+        pairs: {query: [references]} or a shortlist file path (`read_pairs`).
+
+    Returns:
+        {query: {reference: inliers}} for the pairs that are cached; pairs that are not
+        (not verified yet, or local features missing) are left out and counted in a
+        warning.
+    """
+    if not isinstance(store, FeatureStore):
+        store = FeatureStore.open(Path(store))
+    if not isinstance(pairs, dict):
+        from stages.global_embed.search import read_pairs
+
+        pairs = read_pairs(pairs)
+    out, missing = {}, 0
+    for query, refs in pairs.items():
+        entry = store.read_or_none(query)
+        cached = {} if entry is None else dict(zip(entry["ref_names"].tolist(), entry["inliers"].tolist(),
+                                                   strict=True))
+        out[query] = {r: int(cached[r]) for r in refs if r in cached}
+        missing += len(set(refs)) - len(out[query])
+    if missing:
+        logger.warning("%d shortlisted pairs have no cached inlier count (treated as unverified)", missing)
+    return out
+
+
+def align_inliers(query_names, ref_names, order: np.ndarray, inliers: dict[str, dict[str, int]],
+                  top_k: int) -> list[np.ndarray]:
+    """Inlier counts laid out like a global ranking's top-k, the `inliers` of `rerank`.
+
+    Args:
+        query_names: [Q] query names (``global_ranking.npz`` "query_names").
+        ref_names: [R] reference names ("ref_names").
+        order: int [Q, R] reference indices, best first ("order").
+        inliers: {query: {reference: inliers}} (`load_inliers`).
+        top_k: positions per query.
+
+    Returns:
+        [Q] int32 arrays [min(top_k, R)]: the count of the reference at each top position,
+        0 where none is cached.
+    """
+    ref_names = [str(r) for r in ref_names]
+    out = []
+    for q, query in enumerate(query_names):
+        cached = inliers.get(str(query), {})
+        out.append(np.array([cached.get(ref_names[j], 0) for j in order[q, :top_k]], np.int32))
+    return out

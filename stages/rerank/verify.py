@@ -1,0 +1,309 @@
+"""Stage 3a: geometric verification of every shortlisted (query, reference) pair.
+
+For each pair: putative matches between the two images' local descriptors (`matching`),
+then a seeded RANSAC fit (`ransac`); the pair's score is the number of inliers, maximised
+over the query's rotation groups (stage 2 may extract a query at several rotations).
+
+Output: a feature store ``<cache_root>/rerank/<conf name>-<hash>/`` with one entry per
+query: ``ref_names`` str [K], ``inliers`` int32 [K] and ``ref_stamps`` str [K] (size and
+mtime of each reference's local-feature file), stamped with the query's local-feature file.
+The hash covers only the matcher and RANSAC confs and the local-feature store's key, so
+the merge conf (rule, top_k, min_inliers, weight) can change without matching again; a
+rerun computes only the pairs that are missing or whose local features changed.
+"""
+
+import argparse
+import functools
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import logger, setup_logging
+from pipeline.cache import FeatureStore, source_stamp
+from pipeline.conf import conf_hash, resolve
+
+from . import matching, ransac
+
+default_conf = {
+    "matcher": {"method": "mutual_nn", "distance_threshold": 0.8, "ratio": 0.8},
+    "ransac": {"backend": "opencv", "model": "affine", "threshold": 20.0, "max_iters": 1000,
+               "confidence": 0.999999, "refine_iters": 0, "seed": 0},
+    # Not part of the cache key: see merge.rerank. min_inliers 25: the most inliers of 672
+    # unrelated synthetic RootSIFT pairs (800 px, mutual NN, affine, 20 px); tune on real data.
+    "merge": {"rule": "delg", "top_k": 100, "min_inliers": 25, "weight": 0.5},
+}
+
+confs = {
+    "mnn-affine-opencv": {},
+    "mnn-affine-skimage": {"ransac": {"backend": "skimage"}},
+    "delf-affine-opencv": {"matcher": {"method": "distance"}},
+    "delf-affine-skimage": {"matcher": {"method": "distance"}, "ransac": {"backend": "skimage"}},
+    "ratio-affine-opencv": {"matcher": {"method": "ratio"}},
+    "ratio-homography": {"matcher": {"method": "ratio"}, "ransac": {"model": "homography"}},
+    "mnn-homography": {"ransac": {"model": "homography"}},
+    "mnn-affine-weighted": {"merge": {"rule": "weighted"}},
+}
+
+VERIFY_KEYS = ("matcher", "ransac")
+REF_CACHE_SIZE = 512  # prepared reference images kept per worker (about 0.5 MB each at 1000 x 128)
+
+Group = tuple[np.ndarray, np.ndarray]  # (keypoints_xy float32 [n, 2], descriptors float32 [n, D])
+
+
+def prepare(feats: dict | None, split_rotations: bool) -> list[Group]:
+    """Converts a local-feature entry once for many pairs: float32 C-contiguous arrays,
+    split by rotation group.
+
+    Args:
+        feats: a stage-2 entry ({"keypoints_xy": float32 [N, 2] (x, y) pixels,
+            "descriptors": float16/32 [N, D] unit rows, "rotations": int16 [N] optional}),
+            an entry holding only "error", or None.
+        split_rotations: one group per distinct rotation (queries) or one group of all
+            keypoints (references).
+
+    Returns:
+        [(keypoints_xy float32 [n, 2], descriptors float32 [n, D])], one per non-empty
+        group; [] for an error entry, None or N = 0.
+    """
+    if feats is None or "descriptors" not in feats or len(feats["descriptors"]) == 0:
+        return []
+    xy = np.ascontiguousarray(feats["keypoints_xy"], np.float32)
+    desc = matching.as_float32(feats["descriptors"])
+    rot = feats.get("rotations")
+    if not split_rotations or rot is None or np.all(rot == rot[0]):
+        return [(xy, desc)]
+    return [(np.ascontiguousarray(xy[rot == r]), np.ascontiguousarray(desc[rot == r])) for r in np.unique(rot)]
+
+
+def verify_prepared(query: list[Group], ref: list[Group], conf: dict) -> int:
+    """`verify_pair` on `prepare`d features (the reference as a single group)."""
+    best = 0
+    for q_xy, q_desc in query:
+        for r_xy, r_desc in ref:
+            pairs = matching.match(q_desc, r_desc, conf["matcher"])
+            n, _ = ransac.count_inliers(q_xy[pairs[:, 0]], r_xy[pairs[:, 1]], conf["ransac"])
+            best = max(best, n)
+    return best
+
+
+def verify_pair(query_feats: dict, ref_feats: dict, conf: dict) -> int:
+    """RANSAC inlier count of one image pair, the maximum over the query's rotation groups.
+
+    Matching follows DELF (Noh et al., ICCV 2017; tensorflow/models research/delf
+    ``detect_to_retrieve/image_reranking.py`` ``MatchFeatures``): nearest-neighbour
+    putative matches, then an affine RANSAC whose inlier count scores the pair, 0 when
+    there are too few matches.
+
+    Args:
+        query_feats: stage-2 entry of the query: "keypoints_xy" float32 [N, 2] (x, y) in
+            original query pixels, "descriptors" float16 [N, D] unit L2 rows, optional
+            "rotations" int16 [N] (keypoints of each rotation group are matched
+            separately); an entry with only "error" counts as N = 0.
+        ref_feats: stage-2 entry of the reference (same layout, rotations ignored).
+        conf: the stage conf (its "matcher" and "ransac" parts).
+
+    Returns:
+        Number of inliers (>= 0); 0 when either image has no keypoints.
+
+    Raises:
+        ValueError: the two descriptor dimensions differ, or the conf names an unknown
+            matcher, backend or model.
+    """
+    return verify_prepared(prepare(query_feats, True), prepare(ref_feats, False), conf)
+
+
+def verify_conf(conf: dict) -> dict:
+    """The part of a stage conf the inlier counts depend on (the cache key's conf)."""
+    return {"name": conf.get("name", "rerank"), **{k: conf[k] for k in VERIFY_KEYS}}
+
+
+def store_for(conf: dict, cache_root: Path, local_store: FeatureStore) -> FeatureStore:
+    """The inlier cache of `conf` on the features of `local_store` (merge conf excluded)."""
+    vconf = verify_conf(conf)
+    key = conf_hash({k: vconf[k] for k in VERIFY_KEYS}, local_store.key)
+    return FeatureStore(cache_root, "rerank", {**vconf, "local_features": str(local_store.dir)}, key)
+
+
+@functools.cache
+def _open_local(folder: str) -> FeatureStore:
+    return FeatureStore.open(Path(folder))
+
+
+def _read_local(folder: str, name: str) -> dict | None:
+    try:
+        return _open_local(folder).read(name)
+    except (KeyError, ValueError) as e:
+        logger.warning("local features of %s unusable: %s", name, e)
+        return None
+
+
+@functools.lru_cache(maxsize=REF_CACHE_SIZE)
+def _prepared_ref(folder: str, name: str, stamp: str) -> list[Group] | None:
+    # `stamp` (the file's size and mtime) is part of the key: a rewritten file is reread.
+    feats = _read_local(folder, name)
+    return None if feats is None else prepare(feats, False)
+
+
+def _verify_query(folder: str, query: str, refs: list[str], stamps: list[str], conf: dict) -> np.ndarray:
+    """Inlier counts of one query against `refs`; -1 where local features are missing."""
+    feats = _read_local(folder, query)
+    out = np.full(len(refs), -1, np.int32)
+    if feats is None:
+        return out
+    q = prepare(feats, True)
+    for i, (ref, stamp) in enumerate(zip(refs, stamps, strict=True)):
+        r = _prepared_ref(folder, ref, stamp)
+        if r is not None:
+            out[i] = verify_prepared(q, r, conf)
+    return out
+
+
+class _Stamps(dict):
+    """Size and mtime of each image's local-feature file, stat-ed once; "" when missing."""
+
+    def __init__(self, local: FeatureStore):
+        super().__init__()
+        self.local = local
+
+    def __missing__(self, name: str) -> str:
+        path = self.local.path(name)
+        self[name] = source_stamp(path) if path.exists() else ""
+        return self[name]
+
+
+def cached_inliers(store: FeatureStore, query: str, local: FeatureStore, stamps: dict) -> dict[str, int]:
+    """{reference: inliers} cached for `query`, without the pairs whose local features
+    changed since (or whose query entry is unreadable)."""
+    source = local.path(query)
+    if not source.exists():
+        return {}
+    entry = store.read_or_none(query, source)
+    if entry is None:
+        return {}
+    return {str(r): int(n) for r, n, s in zip(entry["ref_names"], entry["inliers"], entry["ref_stamps"], strict=True)
+            if stamps[r] == s}
+
+
+def pending_pairs(store: FeatureStore, local: FeatureStore, pairs: dict[str, list[str]],
+                  overwrite: bool = False, stamps: dict | None = None) -> dict[str, list[str]]:
+    """The shortlisted references of each query that have no current cached inlier count.
+
+    Args:
+        store: the inlier cache (`store_for`).
+        local: the local-feature store the counts are computed from.
+        pairs: {query: [references]} (`read_pairs`).
+        overwrite: report every pair.
+        stamps: {image name: local-feature file stamp} to reuse (filled on demand).
+
+    Returns:
+        {query: [references to verify]}, only queries with at least one.
+    """
+    stamps = _Stamps(local) if stamps is None else stamps
+    todo = {}
+    for query, refs in pairs.items():
+        done = {} if overwrite else cached_inliers(store, query, local, stamps)
+        missing = [r for r in dict.fromkeys(refs) if r not in done]
+        if missing:
+            todo[query] = missing
+    return todo
+
+
+def _importable():
+    # This module by its package name, also under ``python -m``: worker processes cannot
+    # unpickle functions of ``__main__``.
+    from . import verify
+
+    return verify
+
+
+def _parallel(tasks, workers: int, backend: str):
+    from joblib import Parallel, delayed
+
+    run = Parallel(n_jobs=workers, backend=backend, return_as="generator_unordered")
+    return run(delayed(_importable()._run_task)(*t) for t in tasks)
+
+
+def _run_task(folder, query, refs, stamps, conf):
+    return query, refs, _verify_query(folder, query, refs, stamps, conf)
+
+
+def main(conf: dict, pairs_path: Path, local_store_dir: Path, cache_root: Path, overwrite: bool = False,
+         workers: int = 2, backend: str = "loky", shard: tuple[int, int] = (0, 1)) -> Path:
+    """Verifies every shortlisted pair not yet cached and caches the inlier counts.
+
+    Args:
+        conf: the stage conf (see `default_conf`); only "matcher" and "ransac" matter here.
+        pairs_path: shortlist file, "query<TAB>reference" lines (`search.write_ranking`).
+        local_store_dir: the stage-2 local-feature store folder (holding ``conf.json``).
+        cache_root: cache folder; counts go to ``<cache_root>/rerank/<name>-<hash>/``.
+        overwrite: recompute pairs that are already cached.
+        workers: joblib workers (queries run in parallel, the pairs of a query in turn).
+        backend: joblib backend; "loky" (processes, default) or "threading". Loky limits
+            each worker's BLAS to cpu_count / workers threads; with "threading" set
+            OPENBLAS_NUM_THREADS=1 (or similar) before starting Python.
+        shard: (i, n) verifies only every n-th query (sorted by name) starting at i.
+
+    Returns:
+        The inlier cache folder.
+
+    Raises:
+        FileNotFoundError: `local_store_dir` has no ``conf.json``.
+    """
+    from stages.global_embed.search import read_pairs
+
+    logger.info("geometric verification, conf: %s", conf)
+    local = FeatureStore.open(Path(local_store_dir))
+    store = store_for(conf, cache_root, local)
+    pairs = read_pairs(pairs_path)
+    pairs = {q: pairs[q] for q in sorted(pairs)[shard[0]::shard[1]]}
+    stamps = _Stamps(local)
+    todo = pending_pairs(store, local, pairs, overwrite, stamps)
+    n_pairs = sum(map(len, todo.values()))
+    logger.info("geometric verification: %d of %d pairs to compute (%d queries; %s)", n_pairs,
+                sum(len(set(r)) for r in pairs.values()), len(todo), store.dir)
+    tasks = [(str(local.dir), q, refs, [stamps[r] for r in refs], conf) for q, refs in todo.items()]
+    start, skipped = time.perf_counter(), 0
+    with tqdm(total=n_pairs, desc="RANSAC", unit="pair", leave=False) as bar:
+        for query, refs, inliers in _parallel(tasks, workers, backend):
+            bar.update(len(refs))
+            ok = inliers >= 0
+            skipped += int((~ok).sum())
+            known = {} if overwrite else cached_inliers(store, query, local, stamps)
+            known.update({r: int(n) for r, n, good in zip(refs, inliers, ok, strict=True) if good})
+            if not known:  # the query's local features are missing
+                continue
+            names = list(known)
+            store.write(query, {
+                "ref_names": np.array(names, dtype=str),
+                "inliers": np.array([known[r] for r in names], np.int32),
+                "ref_stamps": np.array([stamps[r] for r in names], dtype=str),
+            }, source=local.path(query))
+    seconds = time.perf_counter() - start
+    _importable()._prepared_ref.cache_clear()  # in-process runs (workers=1, threading) hold up to REF_CACHE_SIZE images
+    if skipped:
+        logger.warning("%d pairs not verified: local features missing or unreadable", skipped)
+    if n_pairs:
+        logger.info("verified %d pairs in %.1f s (%.0f pairs/s, %d workers, %s)", n_pairs - skipped, seconds,
+                    (n_pairs - skipped) / max(seconds, 1e-9), workers, backend)
+    return store.dir
+
+
+def cli():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=Path, required=True, help="shortlist file (query<TAB>reference lines)")
+    parser.add_argument("--features", type=Path, required=True, help="local-feature store folder")
+    parser.add_argument("--cache", type=Path, default=Path("cache"), help="cache folder")
+    parser.add_argument("--conf", default="mnn-affine-opencv", choices=sorted(confs), help="named conf")
+    parser.add_argument("--overwrite", action="store_true", help="recompute cached pairs")
+    parser.add_argument("--workers", type=int, default=2, help="parallel joblib workers")
+    parser.add_argument("--backend", default="loky", choices=["loky", "threading"], help="joblib backend")
+    args = parser.parse_args()
+    setup_logging()
+    conf = resolve(default_conf, confs, args.conf)
+    print(main(conf, args.pairs, args.features, args.cache, args.overwrite, args.workers, args.backend))
+
+
+if __name__ == "__main__":
+    cli()
