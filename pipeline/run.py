@@ -12,9 +12,11 @@ from stages.global_embed import extract as global_extract
 from stages.global_embed import search as global_search
 from stages.global_embed.whitening import apply_whitening, learn_pair_whitening, learn_pca_whitening
 from stages.local_delf import extract as local_extract
+from stages.rerank import merge as rerank_merge
+from stages.rerank import verify as rerank_verify
 
 from . import logger
-from .cache import FeatureStore, atomic_write_json
+from .cache import FeatureStore, atomic_write_bytes, atomic_write_json
 from .conf import conf_hash
 from .dataset import Dataset
 from .evaluate import evaluate
@@ -31,8 +33,11 @@ class RunConfig:
     stages: tuple[str, ...] = STAGES
     global_conf: dict = field(default_factory=lambda: dict(global_extract.default_conf, name="lite0-gem"))
     local_conf: dict = field(default_factory=lambda: dict(local_extract.default_conf, name="delf-lite0"))
-    rerank_conf: dict | None = None
+    rerank_conf: dict = field(default_factory=lambda: dict(rerank_verify.default_conf, name="mnn-affine-opencv"))
+    workers: int = 2
     top_k: int = 100
+    expand_to: int = 300  # verify deeper, window by window, for queries left unverified
+    expand_below: int = 30  # "unverified": the best shortlisted reference has fewer inliers
     whitening: str = "auto"  # auto | learned | pca | none
     whiten_dim: int = 512
     query_regions: bool = True
@@ -41,7 +46,8 @@ class RunConfig:
 
     def as_dict(self) -> dict:
         return {"stages": list(self.stages), "global": self.global_conf, "local": self.local_conf,
-                "rerank": self.rerank_conf, "top_k": self.top_k, "whitening": self.whitening,
+                "rerank": self.rerank_conf, "top_k": self.top_k, "expand_to": self.expand_to,
+                "expand_below": self.expand_below, "whitening": self.whitening,
                 "whiten_dim": self.whiten_dim, "query_regions": self.query_regions}
 
 
@@ -118,6 +124,46 @@ def rank_globally(query_names, ref_names, features: dict, whitening: dict | None
     return order, scores
 
 
+def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, pairs_path: Path, local_dir: Path,
+                          order: np.ndarray, query_names: list[str], ref_names: list[str], timings: dict):
+    """Stage 3 on the top-k shortlist, then on deeper windows for the queries it left unverified.
+
+    A query none of whose top-k references reaches `expand_below` inliers probably has its
+    match further down the global ranking (a weak global descriptor, a small or sideways product):
+    the next `top_k` references of such queries are given local features and verified too,
+    window after window, down to rank `expand_to`. Each window is a shortlist file
+    ``pairs-global-top{k}-window{start}.txt`` next to the first.
+
+    Returns:
+        ({query: {reference: inliers}} over every verified pair, depth): the ranks below
+        `depth` (>= top_k) were verified for no query.
+    """
+    inliers: dict[str, dict[str, int]] = {}
+    window, start_rank, depth = pairs_path, 0, rc.top_k
+    row = {q: i for i, q in enumerate(query_names)}
+    while True:
+        start = time.perf_counter()
+        inlier_dir = rerank_verify.main(rc.rerank_conf, window, local_dir, rc.cache, rc.overwrite, rc.workers)
+        for query, counts in rerank_merge.load_inliers(inlier_dir, window).items():
+            inliers.setdefault(query, {}).update(counts)
+        timings["rerank"] = timings.get("rerank", 0.0) + time.perf_counter() - start
+        unverified = [q for q in global_search.read_pairs(pairs_path)
+                      if max(inliers.get(q, {}).values(), default=0) < rc.expand_below]
+        start_rank += rc.top_k
+        if not unverified or start_rank >= min(rc.expand_to, len(ref_names)):
+            return inliers, depth
+        end_rank = min(start_rank + rc.top_k, rc.expand_to, len(ref_names))
+        logger.info("%d queries without a verified match in the top %d: verifying ranks %d-%d",
+                    len(unverified), start_rank, start_rank + 1, end_rank)
+        window = out_dir / f"pairs-global-top{rc.top_k}-window{start_rank}.txt"
+        lines = [f"{q}\t{ref_names[j]}" for q in unverified for j in order[row[q], start_rank:end_rank]]
+        atomic_write_bytes(window, ("\n".join(lines) + "\n").encode())
+        depth = end_rank
+        start = time.perf_counter()
+        local_extract.main(rc.local_conf, window, dataset.images, rc.cache, rc.overwrite)
+        timings["local"] = timings.get("local", 0.0) + time.perf_counter() - start
+
+
 def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
     """Runs the requested stages on `dataset` and writes the outputs to `out_dir`.
 
@@ -157,7 +203,14 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
         start = time.perf_counter()
         local_dir = local_extract.main(rc.local_conf, pairs_path, dataset.images, rc.cache, rc.overwrite)
         timings["local"] = time.perf_counter() - start
-        logger.info("local features in %s", local_dir)
+
+    if "rerank" in rc.stages:
+        inliers, depth = verify_with_expansion(rc, dataset, out_dir, pairs_path, local_dir, order, query_names,
+                                               ref_names, timings)
+        merge = rc.rerank_conf["merge"]
+        rankings_by_stage["rerank"] = rerank_merge.rerank(
+            order, scores, rerank_merge.align_inliers(query_names, ref_names, order, inliers, depth),
+            depth, merge["rule"], merge["min_inliers"], merge["weight"])
 
     skipped = {"queries": {n: errors[n] for n in query_names if n in errors},
                "references": {n: errors[n] for n in ref_names if n in errors}}

@@ -17,7 +17,7 @@ from pipeline.conf import conf_hash, resolve
 from pipeline.extraction import extract_to_store
 from pipeline.images import resize_by, resize_max_side
 
-from .models import FeatureModel, load_model
+from .models import FeatureModel, load_model, model_identity
 from .pooling import combine_scales, gem, l2_normalize
 
 default_conf = {
@@ -86,8 +86,8 @@ def describe(model: FeatureModel, rgb: np.ndarray, conf: dict) -> np.ndarray:
     return np.stack([combine_scales(per_scale[:, g], p) for g in range(len(regions))])
 
 
-def store_for(conf: dict, cache_root: Path, model_identity: str) -> FeatureStore:
-    return FeatureStore(cache_root, "global", conf, conf_hash(conf, model_identity))
+def store_for(conf: dict, cache_root: Path, identity: str) -> FeatureStore:
+    return FeatureStore(cache_root, "global", conf, conf_hash(conf, identity))
 
 
 def main(conf: dict, images: dict[str, Path], cache_root: Path, overwrite: bool = False,
@@ -107,11 +107,13 @@ def main(conf: dict, images: dict[str, Path], cache_root: Path, overwrite: bool 
         The feature store folder.
     """
     logger.info("global descriptors, conf: %s", conf)
-    model = model or load_model(conf, cache_root)
-    store = store_for(conf, cache_root, model.identity)
+    store = store_for(conf, cache_root, model.identity if model else model_identity(conf))
     names = sorted(images)[shard[0]::shard[1]]
     todo = store.missing({n: images[n] for n in names}, overwrite)
     logger.info("global descriptors: %d of %d images to compute (%s)", len(todo), len(names), store.dir)
+    if not todo:
+        return store.dir
+    model = model or load_model(conf, cache_root)
 
     def compute(rgb):
         regions = describe(model, rgb, conf)

@@ -46,13 +46,13 @@ class Lite0(FeatureModel):
 
     def __init__(self, cache_dir: Path, weights_dir: Path | None = None):
         self.model = lite.build_lite0(outputs=("head",))
+        self.identity = model_identity({"model": "lite0", "weights_dir": weights_dir})
         if weights_dir is None:
             lite.set_weights(self.model, lite.imagenet_weights(cache_dir))
-            self.identity = "lite0-imagenet-" + lite.shipped_checkpoint().name
         else:
             from pipeline.model_dir import load_backbone_weights, load_global_head
 
-            self.identity = load_backbone_weights(self.model, weights_dir)
+            load_backbone_weights(self.model, weights_dir)
             self.head = load_global_head(weights_dir)
         self._run = _compiled(self.model)
 
@@ -72,7 +72,7 @@ class KerasResNet50(FeatureModel):
 
         self.model = keras.applications.ResNet50(include_top=False, weights=weights, input_shape=(None, None, 3))
         self._preprocess = keras.applications.resnet50.preprocess_input
-        self.identity = f"keras-resnet50-{weights}"
+        self.identity = model_identity({"model": "resnet50", "keras_weights": weights})
         self._run = _compiled(self.model)
 
     def __call__(self, rgb):
@@ -95,7 +95,7 @@ class HubFeatureVector(FeatureModel):
             raise ValueError("--global-model tfhub needs --hub-handle (a module URL or local directory)")
         self.module = hub.load(handle)
         self.input_size = input_size
-        self.identity = f"tfhub-{handle}-{input_size}"
+        self.identity = model_identity({"model": "tfhub", "hub_handle": handle, "hub_input_size": input_size})
 
     def __call__(self, rgb):
         import cv2
@@ -104,6 +104,27 @@ class HubFeatureVector(FeatureModel):
         x = cv2.resize(rgb, (self.input_size, self.input_size), interpolation=cv2.INTER_AREA)
         out = self.module(tf.constant(x[None].astype(np.float32) / 255.0))
         return np.asarray(out)[0].astype(np.float32).reshape(-1)
+
+
+def model_identity(conf: dict) -> str:
+    """What the weights of ``conf["model"]`` are, cheaply (no model is built): part of the
+    cache key, so that features of different weights never mix.
+
+    Raises:
+        ValueError: unknown model name.
+    """
+    name = conf["model"]
+    if name == "lite0":
+        if conf.get("weights_dir"):
+            from pipeline.model_dir import weights_identity
+
+            return weights_identity(conf["weights_dir"])
+        return "lite0-imagenet-" + lite.shipped_checkpoint().name
+    if name == "resnet50":
+        return f"keras-resnet50-{conf.get('keras_weights', 'imagenet')}"
+    if name == "tfhub":
+        return f"tfhub-{conf.get('hub_handle')}-{conf.get('hub_input_size', 224)}"
+    raise ValueError(f"unknown global model {name!r}; choose lite0, resnet50 or tfhub")
 
 
 def load_model(conf: dict, cache_dir: Path) -> FeatureModel:

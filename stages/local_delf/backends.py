@@ -42,14 +42,14 @@ class DenseLite0:
         self.conf = conf
         self.model = lite.build_lite0(outputs=("stride16",))
         self.attention = None
+        self.identity = backend_identity(conf)
         if conf.get("weights_dir"):
             from pipeline.model_dir import load_attention, load_backbone_weights
 
-            self.identity = load_backbone_weights(self.model, conf["weights_dir"])
+            load_backbone_weights(self.model, conf["weights_dir"])
             self.attention = load_attention(conf["weights_dir"])
         else:
             lite.set_weights(self.model, lite.imagenet_weights(cache_dir))
-            self.identity = "lite0-imagenet-" + lite.shipped_checkpoint().name
         self.layers = lite.strided_layers(lite.STRIDE16_BLOCK)
         self._run = tf.function(lambda x: self.model(x, training=False)["stride16"], reduce_retracing=True)
 
@@ -93,7 +93,7 @@ class DelfHub:
         self.conf = conf
         handle = conf.get("hub_handle") or DELF_HUB_URL
         self.module = hub.load(handle).signatures["default"]
-        self.identity = f"delf-hub-{handle}"
+        self.identity = backend_identity(conf)
 
     def __call__(self, rgb: np.ndarray) -> dict:
         import tensorflow as tf
@@ -126,7 +126,7 @@ class Sift:
     def __init__(self, conf: dict, cache_dir: Path):
         self.conf = conf
         self.sift = cv2.SIFT_create(nfeatures=int(conf["max_feature_num"]))
-        self.identity = f"opencv-sift-{cv2.__version__}"
+        self.identity = backend_identity(conf)
 
     def __call__(self, rgb: np.ndarray) -> dict:
         base, _ = resize_max_side(rgb, self.conf["resize_max"])
@@ -152,6 +152,26 @@ def _l2n(x: np.ndarray) -> np.ndarray:
 
 
 BACKENDS = {"delf-lite0": DenseLite0, "delf-hub": DelfHub, "sift": Sift}
+
+
+def backend_identity(conf: dict) -> str:
+    """What the backend's weights are, without loading them (part of the cache key).
+
+    Raises:
+        ValueError: unknown backend name.
+    """
+    name = conf["backend"]
+    if name == "delf-lite0":
+        if conf.get("weights_dir"):
+            from pipeline.model_dir import weights_identity
+
+            return weights_identity(conf["weights_dir"])
+        return "lite0-imagenet-" + lite.shipped_checkpoint().name
+    if name == "delf-hub":
+        return f"delf-hub-{conf.get('hub_handle') or DELF_HUB_URL}"
+    if name == "sift":
+        return f"opencv-sift-{cv2.__version__}"
+    raise ValueError(f"unknown local backend {name!r}; choose one of {sorted(BACKENDS)}")
 
 
 def load_backend(conf: dict, cache_dir: Path):

@@ -28,7 +28,7 @@ from pipeline.images import ImageReadError, read_image
 from stages.global_embed.search import read_pairs
 from stages.global_embed.whitening import apply_whitening, learn_pca_whitening
 
-from .backends import load_backend
+from .backends import BACKENDS, backend_identity, load_backend
 from .geometry import rotate_image, unrotate_points
 
 default_conf = {
@@ -89,9 +89,9 @@ def _pca_sample(refs: list[str], n: int) -> list[str]:
     return [refs[i] for i in np.linspace(0, len(refs) - 1, n).round().astype(int)]
 
 
-def ensure_pca(store: FeatureStore, backend, conf: dict, refs: list[str], images: dict[str, Path],
+def ensure_pca(store: FeatureStore, get_backend, conf: dict, refs: list[str], images: dict[str, Path],
                overwrite: bool = False) -> tuple[dict, set[str]]:
-    """Loads the store's PCA, or learns it on raw features of up to `pca_max_images`
+    """Loads the store's PCA, or learns it (with the backend `get_backend()` returns) on raw features of up to `pca_max_images`
     references (evenly spaced by name) and caches it as ``pca.npz`` beside the features.
 
     The PCA belongs to the store: every feature in it is projected by the same matrix, so
@@ -122,7 +122,7 @@ def ensure_pca(store: FeatureStore, backend, conf: dict, refs: list[str], images
         try:
             os.close(fd)
             if not path.exists():
-                written = _learn_pca(store, backend, conf, refs, images, path)
+                written = _learn_pca(store, get_backend(), conf, refs, images, path)
         finally:
             lock.unlink(missing_ok=True)
     return load_npz(path), written
@@ -148,8 +148,8 @@ def _learn_pca(store, backend, conf, refs, images, path) -> set[str]:
     return set(raw)
 
 
-def store_for(conf: dict, cache_root: Path, backend) -> FeatureStore:
-    return FeatureStore(cache_root, "local", conf, conf_hash(conf, backend.identity))
+def store_for(conf: dict, cache_root: Path) -> FeatureStore:
+    return FeatureStore(cache_root, "local", conf, conf_hash(conf, backend_identity(conf)))
 
 
 def needs_extraction(store: FeatureStore, images: dict[str, Path], rotations, overwrite: bool) -> list[str]:
@@ -185,23 +185,30 @@ def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path
     pairs = read_pairs(pairs_path)
     queries = sorted(pairs)
     refs = sorted({r for rs in pairs.values() for r in rs})
-    backend = backend or load_backend(conf, cache_root)
-    store = store_for(conf, cache_root, backend)
+    store = store_for(conf, cache_root)
+    loaded = [backend]
+
+    def get_backend():  # building the network is slow; a fully cached run never does
+        if loaded[0] is None:
+            loaded[0] = load_backend(conf, cache_root)
+        return loaded[0]
+
     pca, fresh = None, set()
-    if backend.needs_pca:
-        pca, fresh = ensure_pca(store, backend, conf, refs, images, overwrite)
+    if BACKENDS[conf["backend"]].needs_pca:
+        pca, fresh = ensure_pca(store, get_backend, conf, refs, images, overwrite)
     jobs = [("queries", queries, conf["query_rotations"]), ("references", refs, [0])]
     for label, names, rotations in jobs:
         names = names[shard[0]::shard[1]]
         todo = needs_extraction(store, {n: images[n] for n in names if n not in fresh}, rotations, overwrite)
         logger.info("local features: %d of %d %s to extract", len(todo), len(names), label)
+        if not todo:
+            continue
         stats = extract_to_store(store, {n: images[n] for n in todo},
-                                 lambda rgb, r=rotations: describe(backend, rgb, r, pca),
+                                 lambda rgb, r=rotations: describe(get_backend(), rgb, r, pca),
                                  desc=f"local features ({label})")
-        if todo:
-            n_kp = [len(store.read(n)["keypoints_xy"]) for n in todo if n not in stats["failed"]]
-            logger.info("local features (%s): %.1f keypoints per image (%d rotations)",
-                        label, float(np.mean(n_kp)) if n_kp else 0.0, len(rotations))
+        n_kp = [len(store.read(n)["keypoints_xy"]) for n in todo if n not in stats["failed"]]
+        logger.info("local features (%s): %.1f keypoints per image (%d rotations)",
+                    label, float(np.mean(n_kp)) if n_kp else 0.0, len(rotations))
     return store.dir
 
 

@@ -8,7 +8,7 @@ Output: a feature store ``<cache_root>/rerank/<conf name>-<hash>/`` with one ent
 query: ``ref_names`` str [K], ``inliers`` int32 [K] and ``ref_stamps`` str [K] (size and
 mtime of each reference's local-feature file), stamped with the query's local-feature file.
 The hash covers only the matcher and RANSAC confs and the local-feature store's key, so
-the merge conf (rule, top_k, min_inliers, weight) can change without matching again; a
+the merge conf (rule, min_inliers, weight) and the shortlist length can change without matching again; a
 rerun computes only the pairs that are missing or whose local features changed.
 """
 
@@ -32,7 +32,7 @@ default_conf = {
                "confidence": 0.999999, "refine_iters": 0, "seed": 0},
     # Not part of the cache key: see merge.rerank. min_inliers 25: the most inliers of 672
     # unrelated synthetic RootSIFT pairs (800 px, mutual NN, affine, 20 px); tune on real data.
-    "merge": {"rule": "delg", "top_k": 100, "min_inliers": 25, "weight": 0.5},
+    "merge": {"rule": "delg", "min_inliers": 15, "weight": 0.5},
 }
 
 confs = {
@@ -265,7 +265,7 @@ def main(conf: dict, pairs_path: Path, local_store_dir: Path, cache_root: Path, 
                 sum(len(set(r)) for r in pairs.values()), len(todo), store.dir)
     tasks = [(str(local.dir), q, refs, [stamps[r] for r in refs], conf) for q, refs in todo.items()]
     start, skipped = time.perf_counter(), 0
-    with tqdm(total=n_pairs, desc="RANSAC", unit="pair", leave=False) as bar:
+    with tqdm(total=n_pairs, desc="RANSAC", unit="pair", leave=False, disable=None) as bar:
         for query, refs, inliers in _parallel(tasks, workers, backend):
             bar.update(len(refs))
             ok = inliers >= 0
