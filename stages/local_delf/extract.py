@@ -91,8 +91,9 @@ def _pca_sample(refs: list[str], n: int) -> list[str]:
 
 def ensure_pca(store: FeatureStore, get_backend, conf: dict, refs: list[str], images: dict[str, Path],
                overwrite: bool = False) -> tuple[dict, set[str]]:
-    """Loads the store's PCA, or learns it (with the backend `get_backend()` returns) on raw features of up to `pca_max_images`
-    references (evenly spaced by name) and caches it as ``pca.npz`` beside the features.
+    """Loads the store's PCA, or learns it on raw features (from the backend `get_backend()`
+    returns) of up to `pca_max_images` references, evenly spaced by name, and caches it as
+    ``pca.npz`` beside the features.
 
     The PCA belongs to the store: every feature in it is projected by the same matrix, so
     images cached from another dataset stay comparable. A lock file makes concurrent runs
