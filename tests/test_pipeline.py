@@ -17,6 +17,57 @@ def global_run(demo_data, weights_cache, tmp_path_factory):
     return load_dataset(demo_data), out, rc, run(load_dataset(demo_data), out, rc)
 
 
+@pytest.fixture(scope="module")
+def full_run(demo_data, weights_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    # expand_below 200: true pairs of the demo have 75-570 inliers, so some queries go deeper
+    rc = RunConfig(cache=weights_cache, top_k=4, expand_to=12, expand_below=200, workers=1)
+    return load_dataset(demo_data), out, rc, run(load_dataset(demo_data), out, rc)
+
+
+def test_all_stages_on_the_demo(full_run):
+    dataset, out, rc, result = full_run
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert set(metrics) == {"global", "rerank"}
+    assert metrics["rerank"]["mAP"] == pytest.approx(1.0)
+    for ranked in json.loads((out / "rankings.json").read_text()).values():
+        assert sorted(ranked) == sorted(dataset.references)
+    assert set(result["timings"]) == {"global", "local", "rerank"}
+
+
+def test_unverified_queries_are_verified_deeper(full_run):
+    """Queries whose best top-4 reference has < expand_below inliers get ranks 5-8 verified,
+    and the others do not."""
+    from pipeline.cache import FeatureStore
+    from stages.global_embed.search import read_pairs
+    from stages.rerank.merge import load_inliers
+
+    dataset, out, rc, result = full_run
+    first = read_pairs(out / "pairs-global-top4.txt")
+    (inlier_dir,) = list((rc.cache / "rerank").iterdir())
+    counts = load_inliers(FeatureStore.open(inlier_dir), first)
+    weak = sorted(q for q, c in counts.items() if max(c.values(), default=0) < rc.expand_below)
+    assert weak, "the fixture's expand_below should leave some queries unverified"
+    deeper = read_pairs(out / "pairs-global-top4-window4.txt")
+    assert sorted(deeper) == weak
+    assert all(len(refs) == 4 and not set(refs) & set(first[q]) for q, refs in deeper.items())
+
+
+def test_full_rerun_computes_nothing(full_run, monkeypatch):
+    dataset, out, rc, first = full_run
+    from stages.global_embed import extract as g
+    from stages.local_delf import extract as loc
+    from stages.rerank import verify as v
+
+    calls = []
+    for module, name in ((g, "describe"), (loc, "describe"), (v, "verify_prepared")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _o=original, **k: calls.append(1) or _o(*a, **k))
+    again = run(dataset, out, rc)
+    assert calls == []
+    assert again["rankings"] == first["rankings"]
+
+
 def test_rankings_are_full_permutations(global_run):
     dataset, out, _, result = global_run
     rankings = json.loads((out / "rankings.json").read_text())
