@@ -201,9 +201,27 @@ def test_resume_continues_from_the_saved_epoch(trained, tiny_data, weights_cache
     assert [r["epoch"] for r in log] == [1, 2, 3]
     assert log[:2] == md.read_train_log(out)
     assert md.load_checkpoint(copy)[1]["epoch"] == 3
-    # Another conf refuses the checkpoint.
+    # Another conf refuses the checkpoint; a model without one is not overwritten silently.
     with pytest.raises(ValueError, match="another conf"):
         tr.train({**conf, "embed_dim": 16}, tiny_data, copy, weights_cache)
+    shutil.rmtree(copy / md.CHECKPOINT_DIR)
+    with pytest.raises(ValueError, match="without a checkpoint"):
+        tr.train(conf, tiny_data, copy, weights_cache)
+
+
+def test_nsml_save_and_load_the_model_directory(trained, tmp_path, monkeypatch):
+    from pipeline import nsml
+
+    _, out = trained
+    monkeypatch.setitem(nsml._state, "model_dir", None)  # restored after the test
+    nsml.configure(model_dir=out)
+    nsml.save(tmp_path / "session")
+    monkeypatch.setitem(nsml._state, "model_dir", None)
+    nsml.load(tmp_path / "session")
+    restored = nsml._state["model_dir"]
+    assert md.read_config(restored)["best"] == md.read_config(out)["best"]
+    assert md.weights_identity(restored) == md.weights_identity(out)
+    assert not (restored / md.CHECKPOINT_DIR).exists()
 
 
 def test_cli_help_and_bad_data(tmp_path, capsys):
