@@ -556,10 +556,10 @@ def dev_metrics(model, dev: dict, conf: dict) -> dict:
 # ---------------------------------------------------------------- the loop
 
 
-def _batch(images, indices, size, rng_seed, conf, augment_views=True):
+def _batch(images, indices, size, rng_seed, conf):
+    """Augmented views of images[indices], preprocessed: float32 [B, size, size, 3]."""
     rng = np.random.default_rng(rng_seed)
-    views = [augment(images[i], size, rng, conf) if augment_views else plain_view(images[i], size) for i in indices]
-    return lite.preprocess(np.stack(views))
+    return lite.preprocess(np.stack([augment(images[i], size, rng, conf) for i in indices]))
 
 
 def _checkpoint_arrays(net: Network, opt_backbone, opt_head) -> dict[str, np.ndarray]:
@@ -627,7 +627,10 @@ def train(conf: dict, data_root: Path, out_dir: Path, cache_dir: Path, overwrite
     if overwrite and out_dir.exists():
         for name in (md.CONFIG, md.WEIGHTS, md.TRAIN_LOG, md.CHECKPOINT_DIR):
             path = out_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     checkpoint = md.load_checkpoint(out_dir)
     if checkpoint is not None and checkpoint[1]["run_hash"] != run_hash:
         raise ValueError(f"{out_dir} holds a checkpoint of another conf or data (hash {checkpoint[1]['run_hash']}, "
@@ -725,6 +728,7 @@ def train(conf: dict, data_root: Path, out_dir: Path, cache_dir: Path, overwrite
             state["best"] = {"epoch": epoch, "dev": None if dev is None else
                              {k: record[f"dev_{k}"] for k in ("mAP", "Recall@1", "Recall@5")}}
             state["bad_epochs"] = 0
+            config["architecture"]["global"]["gem_p"] = float(np.asarray(net.v["gem_p"]))
             md.save_model_dir(out_dir, net.backbone_weights(),
                               {**config, "best": state["best"], "baseline_dev": state["baseline_dev"]},
                               global_head={"kernel": np.asarray(net.v["head/kernel"]),
