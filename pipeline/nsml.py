@@ -73,7 +73,9 @@ def save(dir_name) -> None:
     target = Path(dir_name)
     target.mkdir(parents=True, exist_ok=True)
     if _state["model_dir"] is not None:
-        shutil.copytree(_state["model_dir"], target / "model", dirs_exist_ok=True)
+        # The resume checkpoint (optimiser state) is not needed for inference.
+        shutil.copytree(_state["model_dir"], target / "model", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("checkpoint"))
 
 
 def load(dir_name) -> None:
