@@ -68,3 +68,13 @@ def test_names_stay_inside_the_store(tmp_path, name):
     assert len(path.name) < 255
     if len(name) < 100:
         assert store.names() == {name}
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    import os
+
+    store = FeatureStore(tmp_path, "global", {"name": "x"}, "abc")
+    store.write("img", arrays(1))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert store.path("img").stat().st_mode & 0o777 == 0o666 & ~umask
