@@ -19,6 +19,15 @@ from .run import STAGES, RunConfig, run
 REPO = Path(__file__).resolve().parent.parent
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where a default says something (not None / False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.nargs == 0 or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_pipeline.py",
@@ -27,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "top-k; stage 3: RANSAC verification reranks the top-k). Writes rankings.json, "
                     "nsml_results.json and, with ground truth, metrics.json. "
                     "`run_pipeline.py train --help` describes training on the class folders.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     parser.add_argument("--data", type=Path, default=None,
                         help="data folder in the hackathon layout (test/test_data/{query,reference}/, "
                              "optional train/train_data/<class>/ and test/ground_truth.csv); "
@@ -52,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hub-handle", default=None,
                    help="TF-Hub module URL or local directory for --global-model tfhub")
     g.add_argument("--global-resize", type=int, default=None,
-                   help="longest image side in pixels for the global descriptor (conf default 512)")
+                   help="longest image side in pixels for the global descriptor (default: 512)")
     g.add_argument("--whitening", default="auto", choices=["auto", "learned", "pca", "none"],
                    help="descriptor whitening: learned from matching pairs of the training classes "
                         "(auto picks it when train/train_data exists, else none), or PCA on the references")
@@ -69,14 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DELF TF-Hub module URL or local directory for --local-features delf-hub "
                         "(default https://tfhub.dev/google/delf/1; TFHUB_CACHE_DIR is honoured)")
     g.add_argument("--query-rotations", default=None,
-                   help="comma-separated angles (multiples of 90) at which queries are also described, "
-                        "e.g. 0,90,270 (conf default); 0 turns it off")
+                   help="comma-separated angles (multiples of 90) at which queries are also described "
+                        "(default: 0,90,270; 0 turns it off)")
     g = parser.add_argument_group("stage 3: geometric verification and reranking")
     g.add_argument("--rerank", default="mnn-affine-opencv", choices=sorted(rerank_verify.confs),
                    help="matcher, RANSAC backend and model: mnn = mutual nearest neighbours, delf = DELF's "
                         "0.8 distance rule, ratio = Lowe's ratio test; opencv (fast) or skimage (reference)")
     g.add_argument("--min-inliers", type=int, default=None,
-                   help="inliers for a shortlisted reference to count as verified (conf default 25)")
+                   help="inliers for a shortlisted reference to count as verified (default: 15)")
     g.add_argument("--merge", default=None, choices=["delg", "weighted"],
                    help="delg: verified references first by inlier count, then global order (default); "
                         "weighted: global score + w * min(inliers, 70) / 70")

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.backbone.efficientnet_lite import flatten_weights, unflatten_weights
+
 from . import logger
 from .cache import atomic_save_npz, atomic_write_json, load_npz
 
@@ -75,20 +77,6 @@ def _group(model_dir: Path, prefix: str) -> dict[str, np.ndarray]:
         raise ModelDirError(f"{path}: unreadable weights file ({e})") from e
 
 
-def flatten_layers(weights: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
-    """{layer: [w0, w1, ...]} -> {"layer/0": w0, ...} (the `imagenet_weights` file layout)."""
-    return {f"{name}/{i}": np.asarray(w, np.float32) for name, ws in weights.items() for i, w in enumerate(ws)}
-
-
-def unflatten_layers(flat: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
-    """Inverse of `flatten_layers`."""
-    out: dict[str, dict[int, np.ndarray]] = {}
-    for key, w in flat.items():
-        layer, i = key.rsplit("/", 1)
-        out.setdefault(layer, {})[int(i)] = w
-    return {k: [v[i] for i in sorted(v)] for k, v in out.items()}
-
-
 def weights_identity(model_dir: Path) -> str:
     """``lite0-trained-<sha1 of weights.npz, 16 hex>``: changes whenever any weight changes."""
     digest = hashlib.sha1()
@@ -118,7 +106,7 @@ def load_backbone_weights(model, model_dir: Path) -> str:
     from stages.backbone.efficientnet_lite import set_weights
 
     read_config(model_dir)
-    weights = unflatten_layers(_group(model_dir, "backbone"))
+    weights = unflatten_weights(_group(model_dir, "backbone"))
     try:
         set_weights(model, weights)
     except KeyError as e:
@@ -217,7 +205,7 @@ def save_model_dir(model_dir: Path, backbone: dict[str, list[np.ndarray]], confi
         The identity string of the written weights.
     """
     model_dir = Path(model_dir)
-    arrays = {f"backbone/{k}": w for k, w in flatten_layers(backbone).items()}
+    arrays = {f"backbone/{k}": w for k, w in flatten_weights(backbone).items()}
     for prefix, group in (("global_head", global_head), ("attention", attention)):
         arrays.update({f"{prefix}/{k}": np.asarray(v, np.float32) for k, v in (group or {}).items()})
     atomic_save_npz(model_dir / WEIGHTS, arrays)

@@ -563,7 +563,7 @@ def _batch(images, indices, size, rng_seed, conf):
 
 
 def _checkpoint_arrays(net: Network, opt_backbone, opt_head) -> dict[str, np.ndarray]:
-    arrays = {f"backbone/{k}": w for k, w in md.flatten_layers(net.backbone_weights()).items()}
+    arrays = {f"backbone/{k}": w for k, w in lite.flatten_weights(net.backbone_weights()).items()}
     arrays.update({f"var/{k}": np.asarray(v) for k, v in net.v.items()})
     for prefix, opt in (("opt_backbone", opt_backbone), ("opt_head", opt_head)):
         arrays.update({f"{prefix}/{i}": np.asarray(v) for i, v in enumerate(opt.variables)})
@@ -571,7 +571,7 @@ def _checkpoint_arrays(net: Network, opt_backbone, opt_head) -> dict[str, np.nda
 
 
 def _restore(arrays, net: Network, opt_backbone, opt_head) -> None:
-    lite.set_weights(net.backbone, md.unflatten_layers(
+    lite.set_weights(net.backbone, lite.unflatten_weights(
         {k[len("backbone/"):]: v for k, v in arrays.items() if k.startswith("backbone/")}))
     for k, v in net.v.items():
         v.assign(arrays[f"var/{k}"])

@@ -144,7 +144,7 @@ def test_model_dir_round_trips_to_identical_descriptors(trained, tiny_data, weig
     assert state["epoch"] == 2
     # Rebuild the network of the best epoch from the saved weights, in process.
     net = tr.Network(conf, len(config["classes"]["train"]), lite.imagenet_weights(weights_cache), 0)
-    weights = md.unflatten_layers(md._group(out, "backbone"))
+    weights = lite.unflatten_weights(md._group(out, "backbone"))
     lite.set_weights(net.backbone, weights)
     head = md._group(out, "global_head")
     net.v["head/kernel"].assign(head["kernel"])

@@ -180,16 +180,22 @@ def imagenet_weights(cache_dir: Path) -> dict[str, list[np.ndarray]]:
     if path.exists():
         try:
             flat = load_npz(path)
-            return _unflatten(flat)
+            return unflatten_weights(flat)
         except ValueError as e:
             logger.warning("reconverting weights: %s", e)
     logger.info("converting %s to Keras layout (once) -> %s", source.name, path)
     weights = torch_to_keras(load_legacy_state_dict(source))
-    atomic_save_npz(path, {f"{k}/{i}": w for k, ws in weights.items() for i, w in enumerate(ws)})
+    atomic_save_npz(path, flatten_weights(weights))
     return weights
 
 
-def _unflatten(flat: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
+def flatten_weights(weights: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """{layer: [w0, w1, ...]} -> {"layer/0": w0, ...}: the .npz layout of converted weights."""
+    return {f"{name}/{i}": np.asarray(w, np.float32) for name, ws in weights.items() for i, w in enumerate(ws)}
+
+
+def unflatten_weights(flat: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """Inverse of `flatten_weights`."""
     out: dict[str, dict[int, np.ndarray]] = {}
     for key, w in flat.items():
         layer, i = key.rsplit("/", 1)
