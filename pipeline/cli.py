@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest image side in pixels for the global descriptor (default: 512)")
     g.add_argument("--whitening", default="auto", choices=["auto", "learned", "pca", "none"],
                    help="descriptor whitening: learned from matching pairs of the training classes "
-                        "(auto picks it when train/train_data exists, else none), or PCA on the references")
+                        "(auto picks it when train/train_data exists and no --model is given, else none), "
+                        "or PCA on the references")
     g.add_argument("--whiten-dim", type=int, default=512, help="dimensions kept by the whitening")
     g.add_argument("--no-query-regions", dest="query_regions", action="store_false",
                    help="score references with the whole-query descriptor only, not the best query region")
