@@ -6,6 +6,8 @@ images are skipped), crash-safe (each file is written to a temp file and renamed
 for two concurrent runs (each writes its own temp files; a rename is atomic).
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -21,12 +23,17 @@ from . import logger
 HASH_KEY = "__conf_hash__"
 SOURCE_KEY = "__source__"
 ERROR_KEY = "error"
+RETRY_KEY = "__retry__"
 _MAX_FILE_STEM = 200
 
 
 def source_stamp(path) -> str:
-    """Size and modification time of an image file: a changed file gets recomputed."""
-    st = os.stat(path)
+    """Size and modification time of an image file: a changed file gets recomputed.
+    "missing" when the file cannot be stat-ed (deleted, broken link)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
@@ -39,8 +46,10 @@ def encode_name(name: str) -> str:
 
     "/", "\\", "%" and every non-ASCII or control character are percent-encoded, a leading
     "." too, so that names such as "../x" or ".hidden" stay plain files in the cache folder.
+    Names holding bytes that are not UTF-8 (file names from another locale, which Python
+    keeps as surrogate escapes) are encoded byte for byte and decode back to the same name.
     """
-    stem = quote(name, safe=" -_.,()[]+=@&'!~#$;")
+    stem = quote(name, safe=" -_.,()[]+=@&'!~#$;", errors="surrogateescape")
     if stem.startswith("."):
         stem = "%2E" + stem[1:]
     if len(stem) > _MAX_FILE_STEM:
@@ -51,7 +60,8 @@ def encode_name(name: str) -> str:
 
 
 def decode_name(stem: str) -> str:
-    return unquote(stem)
+    """Inverse of `encode_name` (except for hashed long names)."""
+    return unquote(stem, errors="surrogateescape")
 
 
 def _umask() -> int:
@@ -78,7 +88,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(Path(path), json.dumps(obj, indent=1, ensure_ascii=False).encode())
+    """Writes `obj` as UTF-8 JSON, atomically. Strings that UTF-8 cannot hold (file names
+    with undecodable bytes, kept by Python as surrogate escapes) make the whole file
+    ASCII with \\u escapes instead, which Python's json reads back to the same strings."""
+    text = json.dumps(obj, indent=1, ensure_ascii=False)
+    try:
+        data = text.encode()
+    except UnicodeEncodeError:
+        data = json.dumps(obj, indent=1, ensure_ascii=True).encode()
+    atomic_write_bytes(Path(path), data)
+
+
+def remove_stale_temp_files(folder: Path, age_s: float = 3600.0) -> None:
+    """Deletes the temp files (".tmp-*") that killed runs left in `folder`; younger ones
+    may belong to a run writing right now and are kept."""
+    now = time.time()
+    for tmp in Path(folder).glob(".tmp-*"):
+        try:
+            if now - tmp.stat().st_mtime > age_s:
+                tmp.unlink()
+        except OSError:
+            pass  # gone already (another run cleaned it)
 
 
 def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -109,6 +139,24 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: unreadable feature file ({e})") from e
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: Path):
+    """Holds an exclusive advisory lock (``flock``) on `path` for the ``with`` block.
+
+    The operating system releases the lock when its holder exits, also on SIGKILL, so a
+    killed run never leaves a lock that blocks the next one. The lock file is kept
+    (deleting it would let two runs lock two different files).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class FeatureStore:
     """Feature files of one stage and one conf, keyed by image name.
 
@@ -135,7 +183,7 @@ class FeatureStore:
                     "remove the folder or use --overwrite")
         else:
             atomic_write_json(conf_path, {"hash": key, "conf": conf})
-        self._remove_stale_temp_files()
+        remove_stale_temp_files(self.dir)
 
     @classmethod
     def open(cls, folder: Path) -> "FeatureStore":
@@ -143,16 +191,6 @@ class FeatureStore:
         folder = Path(folder)
         stored = json.loads((folder / "conf.json").read_text())
         return cls(folder.parent.parent, folder.parent.name, stored["conf"], stored["hash"])
-
-    def _remove_stale_temp_files(self, age_s: float = 3600.0) -> None:
-        # Temp files of a killed run; a young one may belong to a concurrent run.
-        now = time.time()
-        for tmp in self.dir.glob(".tmp-*"):
-            try:
-                if now - tmp.stat().st_mtime > age_s:
-                    tmp.unlink()
-            except OSError:
-                pass
 
     def path(self, name: str) -> Path:
         return self.dir / f"{encode_name(name)}.npz"
@@ -165,18 +203,20 @@ class FeatureStore:
         return {decode_name(p.stem) for p in self.dir.glob("*.npz") if not p.name.startswith(".")}
 
     def is_current(self, name: str, source: Path | None = None) -> bool:
-        """True when `name` has a readable entry made from this version of `source`; reads
-        only the stamps, not the features."""
+        """True when `name` has an intact entry made from this version of `source` and not
+        marked for retry. Every array is read, so the zip CRC-32 of each is checked: a
+        damaged entry counts as missing (and is recomputed) instead of being trusted."""
         path = self.path(name)
         if not path.exists():
             return False
         try:
-            with np.load(path, allow_pickle=False) as f:
-                if str(f[HASH_KEY]) != self.key:
-                    return False
-                return source is None or (SOURCE_KEY in f.files and str(f[SOURCE_KEY]) == source_stamp(source))
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
+            arrays = load_npz(path)
+        except ValueError as e:
+            logger.warning("recomputing cache entry: %s", e)
             return False
+        if HASH_KEY not in arrays or str(arrays[HASH_KEY]) != self.key or RETRY_KEY in arrays:
+            return False
+        return source is None or (SOURCE_KEY in arrays and str(arrays[SOURCE_KEY]) == source_stamp(source))
 
     def missing(self, images: dict[str, Path], overwrite: bool = False) -> list[str]:
         """Names among `images` ({name: source path}) whose entry is absent, corrupt or
@@ -194,10 +234,14 @@ class FeatureStore:
             stamps[SOURCE_KEY] = np.array(source_stamp(source))
         atomic_save_npz(self.path(name), {**arrays, **stamps})
 
-    def write_error(self, name: str, reason: str, source: Path | None = None) -> None:
+    def write_error(self, name: str, reason: str, source: Path | None = None, retry: bool = False) -> None:
         """Records that image `name` could not be used, so later runs skip it until the
-        source file changes."""
-        self.write(name, {ERROR_KEY: np.array(reason)}, source)
+        source file changes; with `retry` (a failure that may pass: an I/O error, a
+        missing file, a crash while computing) the next run tries again."""
+        arrays = {ERROR_KEY: np.array(reason)}
+        if retry:
+            arrays[RETRY_KEY] = np.array(True)
+        self.write(name, arrays, source)
 
     def read(self, name: str, source: Path | None = None) -> dict[str, np.ndarray]:
         """Reads the feature arrays of image `name` (an entry written by `write_error`
@@ -215,6 +259,7 @@ class FeatureStore:
         stamp = arrays.pop(HASH_KEY, None)
         if stamp is None or str(stamp) != self.key:
             raise ValueError(f"{path}: conf hash {stamp} differs from {self.key}")
+        arrays.pop(RETRY_KEY, None)
         made_from = arrays.pop(SOURCE_KEY, None)
         if source is not None and (made_from is None or str(made_from) != source_stamp(source)):
             raise ValueError(f"{path}: source image {source} changed since it was cached")

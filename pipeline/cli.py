@@ -11,6 +11,7 @@ from stages.local_delf import extract as local_extract
 from stages.rerank import verify as rerank_verify
 
 from . import logger, setup_logging
+from .cache import CacheMismatchError
 from .conf import resolve
 from .dataset import LayoutError, load_dataset
 from .demo import build_demo
@@ -179,10 +180,17 @@ def main(argv=None) -> int:
                 data, len(dataset.queries), len(dataset.references), len(dataset.train),
                 "yes" if dataset.ground_truth is not None else "no")
     start = time.perf_counter()
-    result = run(dataset, out_dir, rc)
+    try:
+        result = run(dataset, out_dir, rc)
+    except CacheMismatchError as e:
+        logger.error("%s", e)
+        return 2
     print_summary(result, out_dir, time.perf_counter() - start)
     ranked = len(result["rankings"]) - len(result["skipped"]["queries"])
-    return 0 if ranked > 0 else 1
+    if ranked == 0:
+        logger.error("no query image could be read (see %s): nothing was ranked", out_dir / "skipped.json")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

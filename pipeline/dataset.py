@@ -6,13 +6,16 @@
     <root>/test/ground_truth.csv                 (optional: columns query,reference)
 
 An image's name is its file stem. jpg, jpeg, png, bmp and webp are read in any letter
-case; hidden files (leading ".") are ignored.
+case; hidden files (leading ".") are ignored, and so are other files (one log line says
+how many). A symbolic link is an image under its own name, wherever it points; a broken
+one is listed too, and reported unreadable by the run.
 """
 
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import logger
 from .images import IMAGE_EXTENSIONS, is_image_file
 
 QUERY_DIR = Path("test/test_data/query")
@@ -60,13 +63,27 @@ class Dataset:
 def list_images(folder: Path) -> dict[str, Path]:
     """{file stem: path} of the image files directly in `folder`, sorted by name.
 
+    Other entries (files without an image extension, folders, hidden files) are left
+    out, and counted in one log line.
+
     Raises:
-        LayoutError: two files share a stem (e.g. a.jpg and a.png); the message lists them.
+        LayoutError: the folder cannot be listed, or two files share a stem (e.g. a.jpg
+            and a.png); the message lists them.
     """
     by_name: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
+    ignored = []
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as e:
+        raise LayoutError(f"{folder}: cannot list the folder ({e.strerror or e})") from e
+    for path in entries:
         if is_image_file(path):
             by_name.setdefault(path.stem, []).append(path)
+        elif not path.name.startswith("."):
+            ignored.append(path.name)
+    if ignored:
+        logger.info("%s: ignoring %d entries that are not image files (%s): %s", folder, len(ignored),
+                    " ".join(IMAGE_EXTENSIONS), ", ".join(ignored[:5]) + (", ..." if len(ignored) > 5 else ""))
     clashes = {n: p for n, p in by_name.items() if len(p) > 1}
     if clashes:
         lines = [f"  {n}: " + ", ".join(p.name for p in ps) for n, ps in sorted(clashes.items())]
@@ -78,19 +95,23 @@ def read_ground_truth(path: Path) -> dict[str, set[str]]:
     """Reads query,reference rows (one per relevant pair) into {query: {references}}.
 
     Raises:
-        LayoutError: the header lacks a query or reference column.
+        LayoutError: the file cannot be read as UTF-8 CSV, or its header lacks a query or
+            reference column.
     """
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = [c.strip() for c in (reader.fieldnames or [])]
-        if "query" not in fields or "reference" not in fields:
-            raise LayoutError(f"{path}: needs a header with columns query,reference; found {fields}")
-        reader.fieldnames = fields
-        gt: dict[str, set[str]] = {}
-        for row in reader:
-            q, r = (row["query"] or "").strip(), (row["reference"] or "").strip()
-            if q and r:
-                gt.setdefault(q, set()).add(r)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip() for c in (reader.fieldnames or [])]
+            if "query" not in fields or "reference" not in fields:
+                raise LayoutError(f"{path}: needs a header with columns query,reference; found {fields}")
+            reader.fieldnames = fields
+            gt: dict[str, set[str]] = {}
+            for row in reader:
+                q, r = (row["query"] or "").strip(), (row["reference"] or "").strip()
+                if q and r:
+                    gt.setdefault(q, set()).add(r)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise LayoutError(f"{path}: cannot read the ground truth ({e})") from e
     return gt
 
 
@@ -123,10 +144,14 @@ def load_dataset(root: Path, require_test: bool = True) -> Dataset:
             raise LayoutError(f"{root}: names used by both a query and a reference: {both[:10]}")
     train = {}
     if (root / TRAIN_DIR).is_dir():
-        for class_dir in sorted(p for p in (root / TRAIN_DIR).iterdir() if p.is_dir() and not p.name.startswith(".")):
-            paths = [p for p in sorted(class_dir.iterdir()) if is_image_file(p)]
-            if paths:
-                train[class_dir.name] = paths
+        try:
+            for class_dir in sorted(p for p in (root / TRAIN_DIR).iterdir()
+                                    if p.is_dir() and not p.name.startswith(".")):
+                paths = [p for p in sorted(class_dir.iterdir()) if is_image_file(p)]
+                if paths:
+                    train[class_dir.name] = paths
+        except OSError as e:
+            raise LayoutError(f"{root / TRAIN_DIR}: cannot list the class folders ({e.strerror or e})") from e
     elif not require_test:
         raise LayoutError(f"{root}: missing folder {TRAIN_DIR}\n{EXPECTED_LAYOUT}")
     gt_path = root / GROUND_TRUTH

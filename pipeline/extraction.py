@@ -13,12 +13,29 @@ from . import logger
 from .cache import ERROR_KEY, FeatureStore
 from .images import ImageReadError, read_image
 
+# Decoded images waiting in the prefetch queue are capped at about this many pixels
+# (x 3 bytes), so a folder of huge photos does not multiply the memory by the prefetch depth.
+PREFETCH_PIXELS = 50_000_000
+
 
 def _read(path: Path):
     try:
         return read_image(path), None
     except ImageReadError as e:
         return None, e
+    except Exception as e:  # e.g. MemoryError in the decoder: this image fails, the run goes on
+        return None, ImageReadError(path, f"cannot decode image ({type(e).__name__}: {e})", transient=True)
+
+
+def _may_read_ahead(ahead: list) -> bool:
+    """Whether to queue one more read: always one image ahead; deeper only while the images
+    decoded ahead are known (done) and hold fewer than PREFETCH_PIXELS pixels."""
+    if len(ahead) < 2:
+        return True
+    if not all(f.done() for f in ahead):
+        return False
+    return sum(f.result()[0].shape[0] * f.result()[0].shape[1] for f in ahead
+               if f.result()[0] is not None) < PREFETCH_PIXELS
 
 
 def extract_to_store(store: FeatureStore, images: dict[str, Path],
@@ -26,9 +43,11 @@ def extract_to_store(store: FeatureStore, images: dict[str, Path],
                      desc: str, prefetch: int = 4) -> dict:
     """Computes and caches features for every image in `images`.
 
-    Images are decoded by a background thread while `compute` runs. An unreadable image
-    (`ImageReadError`) is logged once and cached as an error entry; any other exception
-    from `compute` is logged with the image name and the run goes on without caching it.
+    Images are decoded by a background thread while `compute` runs, at most `prefetch`
+    images and about PREFETCH_PIXELS pixels ahead. An unreadable image (`ImageReadError`)
+    is logged once and cached as an error entry (one that the next run retries when the
+    file could not be read at all); an exception from `compute` is logged with the image
+    name and cached as an error entry to retry, and the run goes on.
 
     Args:
         store: where each image's arrays are written, keyed by name.
@@ -44,22 +63,23 @@ def extract_to_store(store: FeatureStore, images: dict[str, Path],
     start = time.perf_counter()
     names = list(images)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = [pool.submit(_read, images[n]) for n in names[:prefetch]]
+        pending = []
         for i, name in enumerate(tqdm(names, desc=desc, unit="img", leave=False, disable=None)):
-            if i + prefetch < len(names):
-                pending.append(pool.submit(_read, images[names[i + prefetch]]))
+            while len(pending) < min(i + 1 + prefetch, len(names)) and _may_read_ahead(pending[i:]):
+                pending.append(pool.submit(_read, images[names[len(pending)]]))
             rgb, error = pending[i].result()
             pending[i] = None
             if error is not None:
                 logger.warning("skipping unreadable image %s", error)
                 failed[name] = error.reason
-                store.write_error(name, error.reason, images[name])
+                store.write_error(name, error.reason, images[name], retry=error.transient)
                 continue
             try:
                 arrays = compute(rgb)
             except Exception as e:  # one bad image must not end the run
                 logger.exception("failed to process %s (%s): %s", name, images[name], e)
-                failed[name] = f"processing failed: {type(e).__name__}: {e}"
+                failed[name] = f"processing failed ({type(e).__name__}: {e})"
+                store.write_error(name, failed[name], images[name], retry=True)
                 continue
             store.write(name, arrays, images[name])
     seconds = time.perf_counter() - start
@@ -81,7 +101,7 @@ def load_from_store(store: FeatureStore, names, sources: dict[str, Path] | None 
     for name in names:
         arrays = store.read_or_none(name, sources.get(name) if sources else None)
         if arrays is None:
-            errors[name] = "no features (processing failed in this run)"
+            errors[name] = "no features (the cache entry is missing or was damaged)"
         elif ERROR_KEY in arrays:
             errors[name] = str(arrays[ERROR_KEY])
         else:

@@ -1,27 +1,45 @@
 """Image reading that survives real folders: EXIF rotation, alpha, 16-bit, CMYK, bad files."""
 
+import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from .image_header import apply_orientation, read_header
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Decoded images above this many pixels are refused before they exhaust memory.
 MAX_PIXELS = 200_000_000
+_BLEND_ROWS = 512
 
 
 class ImageReadError(ValueError):
-    """An image file that cannot be used; the message names the file and the reason."""
+    """An image file that cannot be used; the message names the file and the reason.
 
-    def __init__(self, path, reason: str):
+    Attributes:
+        path: the file.
+        reason: why it cannot be used, without the path.
+        transient: the file could not be read at all (missing, permission denied, I/O
+            error), as opposed to read but not decoded; a later run should try again.
+    """
+
+    def __init__(self, path, reason: str, transient: bool = False):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+        self.transient = transient
 
 
 def is_image_file(path: Path) -> bool:
-    """True for a visible file with an image extension in any letter case."""
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+    """True for a visible file with an image extension in any letter case.
+
+    Symbolic links count by their own name: one to a file is read wherever the file is,
+    a broken one is kept so that the run reports it as unreadable instead of losing it.
+    """
+    if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return False
+    return path.is_file() or (path.is_symlink() and not path.exists())
 
 
 def _to_uint8_rgb(image: np.ndarray) -> np.ndarray:
@@ -32,18 +50,25 @@ def _to_uint8_rgb(image: np.ndarray) -> np.ndarray:
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     if image.shape[2] == 4:
-        # Transparent product shots are composited onto white, as a catalogue shows them.
-        alpha = image[..., 3:].astype(np.float32) / 255.0
-        bgr = image[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
-        return cv2.cvtColor(np.round(bgr).astype(np.uint8), cv2.COLOR_BGR2RGB)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        # Transparent product shots are composited onto white, as a catalogue shows them;
+        # in blocks of rows, so the float temporaries stay small for huge images.
+        out = np.empty(image.shape[:2] + (3,), np.uint8)
+        for y in range(0, image.shape[0], _BLEND_ROWS):
+            block = image[y:y + _BLEND_ROWS]
+            alpha = block[..., 3:].astype(np.float32) / 255.0
+            bgr = block[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+            out[y:y + _BLEND_ROWS] = np.round(bgr).astype(np.uint8)[..., ::-1]
+        return out
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)  # in place: no second copy of a huge image
 
 
 def read_image(path) -> np.ndarray:
     """Reads an image file as RGB.
 
-    JPEG EXIF orientation is applied; grayscale, 16-bit, CMYK and alpha (composited onto
-    white) are converted. Paths with any characters are read (bytes go through NumPy).
+    EXIF orientation is applied (JPEG, PNG, WebP); grayscale, 16-bit, CMYK and alpha
+    (composited onto white) are converted. Paths with any characters are read (bytes go
+    through NumPy). The size in the header is checked before decoding, so a huge file
+    is refused without allocating its pixels.
 
     Args:
         path: image file path.
@@ -52,22 +77,27 @@ def read_image(path) -> np.ndarray:
         uint8 array [H, W, 3], RGB, in the orientation a viewer shows.
 
     Raises:
-        ImageReadError: empty, truncated, not decodable, or too large; the message names
-            the file and the reason.
+        ImageReadError: missing, unreadable, empty, truncated, not decodable, or larger
+            than MAX_PIXELS; the message names the file and the reason.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ImageReadError(path, f"broken symbolic link (target {os.readlink(path)} does not exist)",
+                             transient=True)
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
-        raise ImageReadError(path, f"cannot read file ({e.strerror or e})") from e
+        raise ImageReadError(path, f"cannot read file ({e.strerror or e})", transient=True) from e
     if data.size == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
-    head = data[:12].tobytes()
-    is_jpeg = head.startswith(b"\xff\xd8")
-    if is_jpeg and b"\xff\xd9" not in data[-4096:].tobytes():
+    header = read_header(data.tobytes())
+    if header.width and header.height and header.width * header.height > MAX_PIXELS:
+        raise ImageReadError(path, f"too large ({header.width}x{header.height} pixels, limit {MAX_PIXELS})")
+    if header.format == "jpeg" and b"\xff\xd9" not in data[-4096:].tobytes():
         raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
-    keep_alpha = head.startswith(b"\x89PNG") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
-    # IMREAD_COLOR applies EXIF orientation; UNCHANGED keeps alpha and 16 bits (PNG/WebP).
+    keep_alpha = header.format in ("png", "webp")
+    # IMREAD_COLOR applies EXIF orientation; UNCHANGED keeps alpha and 16 bits (PNG/WebP)
+    # but ignores the orientation, which is then applied from the header.
     flags = cv2.IMREAD_UNCHANGED if keep_alpha else cv2.IMREAD_COLOR
     try:
         image = cv2.imdecode(data, flags)
@@ -76,7 +106,9 @@ def read_image(path) -> np.ndarray:
     if image is None or image.size == 0:
         raise ImageReadError(path, "not a decodable image (unknown format or corrupt data)")
     if image.shape[0] * image.shape[1] > MAX_PIXELS:
-        raise ImageReadError(path, f"too large ({image.shape[1]}x{image.shape[0]} pixels)")
+        raise ImageReadError(path, f"too large ({image.shape[1]}x{image.shape[0]} pixels, limit {MAX_PIXELS})")
+    if keep_alpha:
+        image = apply_orientation(image, header.orientation)
     return _to_uint8_rgb(image)
 
 

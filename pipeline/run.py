@@ -16,7 +16,7 @@ from stages.rerank import merge as rerank_merge
 from stages.rerank import verify as rerank_verify
 
 from . import logger
-from .cache import FeatureStore, atomic_write_bytes, atomic_write_json
+from .cache import FeatureStore, atomic_write_json, remove_stale_temp_files
 from .conf import conf_hash
 from .dataset import Dataset
 from .evaluate import evaluate
@@ -81,6 +81,9 @@ def learn_whitening(mode: str, dim: int, ref_desc: np.ndarray, train_desc: np.nd
             raise ValueError("--whitening learned needs train/train_data/<class>/ with 2+ images in a class")
         return "learned", learn_pair_whitening(train_desc, train_labels, dim)
     if mode == "pca":
+        if len(ref_desc) < 2:
+            logger.warning("PCA whitening needs 2+ readable references, %d found: no whitening", len(ref_desc))
+            return "none", None
         return "pca", learn_pca_whitening(ref_desc, dim, shrinkage=0.5)
     return "none", None
 
@@ -125,14 +128,16 @@ def rank_globally(query_names, ref_names, features: dict, whitening: dict | None
 
 
 def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, pairs_path: Path, local_dir: Path,
-                          order: np.ndarray, query_names: list[str], ref_names: list[str], timings: dict):
+                          order: np.ndarray, query_names: list[str], ref_names: list[str], timings: dict,
+                          unreadable: set[str] = frozenset()):
     """Stage 3 on the top-k shortlist, then on deeper windows for the queries it left unverified.
 
     A query none of whose top-k references reaches `expand_below` inliers probably has its
     match further down the global ranking (a weak global descriptor, a small or sideways product):
     the next `top_k` references of such queries are given local features and verified too,
     window after window, down to rank `expand_to`. Each window is a shortlist file
-    ``pairs-global-top{k}-window{start}.txt`` next to the first.
+    ``pairs-global-top{k}-window{start}.txt`` next to the first; `unreadable` references
+    (ranked last) are never verified.
 
     Returns:
         ({query: {reference: inliers}} over every verified pair, depth): the ranks below
@@ -141,6 +146,7 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, pairs_
     inliers: dict[str, dict[str, int]] = {}
     window, start_rank, depth = pairs_path, 0, rc.top_k
     row = {q: i for i, q in enumerate(query_names)}
+    n_readable = len([r for r in ref_names if r not in unreadable])
     while True:
         start = time.perf_counter()
         inlier_dir = rerank_verify.main(rc.rerank_conf, window, local_dir, rc.cache, rc.overwrite, rc.workers)
@@ -150,18 +156,31 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, pairs_
         unverified = [q for q in global_search.read_pairs(pairs_path)
                       if max(inliers.get(q, {}).values(), default=0) < rc.expand_below]
         start_rank += rc.top_k
-        if not unverified or start_rank >= min(rc.expand_to, len(ref_names)):
+        if not unverified or start_rank >= min(rc.expand_to, n_readable):
             return inliers, depth
         end_rank = min(start_rank + rc.top_k, rc.expand_to, len(ref_names))
         logger.info("%d queries without a verified match in the top %d: verifying ranks %d-%d",
                     len(unverified), start_rank, start_rank + 1, end_rank)
         window = out_dir / f"pairs-global-top{rc.top_k}-window{start_rank}.txt"
-        lines = [f"{q}\t{ref_names[j]}" for q in unverified for j in order[row[q], start_rank:end_rank]]
-        atomic_write_bytes(window, ("\n".join(lines) + "\n").encode())
+        global_search.write_pairs(window, [(q, ref_names[j]) for q in unverified
+                                           for j in order[row[q], start_rank:end_rank]
+                                           if ref_names[j] not in unreadable])
         depth = end_rank
         start = time.perf_counter()
         local_extract.main(rc.local_conf, window, dataset.images, rc.cache, rc.overwrite)
         timings["local"] = timings.get("local", 0.0) + time.perf_counter() - start
+
+
+def report_skipped(store: FeatureStore, errors: dict[str, str], images: dict[str, Path], since: float) -> None:
+    """Logs the unreadable images whose verdict came from the cache (entries written
+    before `since`, a time.time()); those read in this run were logged as they failed."""
+    for name, reason in errors.items():
+        try:
+            fresh = store.path(name).stat().st_mtime >= since
+        except OSError:
+            fresh = False
+        if not fresh:
+            logger.warning("skipping unreadable image %s: %s (recorded in the cache)", images[name], reason)
 
 
 def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
@@ -171,17 +190,25 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
     ``global_ranking.npz``, ``pairs-global-top{k}.txt`` and, with ground truth,
     ``metrics.json`` ({stage: metrics}).
 
+    Every query gets every reference exactly once. Unreadable images are listed in
+    ``skipped.json`` ({"queries": {name: reason}, "references": {name: reason}}) and
+    logged once each: an unreadable reference is ranked last (in name order) in every
+    list and never verified; an unreadable query gets the references in name order. When
+    the local stage cannot run (no readable pair, no reference with local features) the
+    global ranking is kept, with a warning.
+
     Returns:
         {"metrics": {stage: metrics} (empty without ground truth), "timings": {stage: s},
          "skipped": {"queries": {...}, "references": {...}}, "rankings": final rankings}.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out_dir)
     query_names, ref_names = list(dataset.queries), list(dataset.references)
     atomic_write_json(out_dir / "config.json", {"data": str(dataset.root), **rc.as_dict()})
     timings, rankings_by_stage = {}, {}
 
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     whitening_mode = rc.whitening
     if whitening_mode == "auto" and rc.global_conf.get("weights_dir"):
         # A trained model's projection head is already learned on the training classes;
@@ -190,7 +217,10 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
     train, labels = train_images(dataset) if whitening_mode in ("auto", "learned") else ({}, {})
     images = {**dataset.images, **train}
     store_dir = global_extract.main(rc.global_conf, images, rc.cache, rc.overwrite)
-    features, errors = load_from_store(FeatureStore.open(store_dir), images, images)
+    store = FeatureStore.open(store_dir)
+    features, errors = load_from_store(store, images, images)
+    report_skipped(store, errors, images, started_at)
+    unreadable = set(errors)
     ok_train = [k for k in train if k in features]
     applied, whitening = learn_whitening(
         whitening_mode, rc.whiten_dim,
@@ -200,18 +230,27 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
     logger.info("global whitening: %s", applied)
     order, scores = rank_globally(query_names, ref_names, features, whitening, rc.query_regions)
     ranking_path, pairs_path = global_search.write_ranking(
-        out_dir, query_names, ref_names, order, scores, rc.top_k, {q for q in query_names if q not in features})
+        out_dir, query_names, ref_names, order, scores, rc.top_k, unreadable)
     timings["global"] = time.perf_counter() - start
     rankings_by_stage["global"] = order
 
-    if "local" in rc.stages:
+    stages = rc.stages
+    if len(stages) > 1 and not global_search.read_pairs(pairs_path):
+        logger.warning("no readable query with a readable reference: local features and reranking skipped, "
+                       "the global ranking is final")
+        stages = ("global",)
+    if "local" in stages:
         start = time.perf_counter()
-        local_dir = local_extract.main(rc.local_conf, pairs_path, dataset.images, rc.cache, rc.overwrite)
+        try:
+            local_dir = local_extract.main(rc.local_conf, pairs_path, dataset.images, rc.cache, rc.overwrite)
+        except local_extract.PCAUnavailableError as e:
+            logger.warning("%s: reranking skipped, the global ranking is final", e)
+            stages = ("global",)
         timings["local"] = time.perf_counter() - start
 
-    if "rerank" in rc.stages:
+    if "rerank" in stages:
         inliers, depth = verify_with_expansion(rc, dataset, out_dir, pairs_path, local_dir, order, query_names,
-                                               ref_names, timings)
+                                               ref_names, timings, unreadable)
         merge = rc.rerank_conf["merge"]
         rankings_by_stage["rerank"] = rerank_merge.rerank(
             order, scores, rerank_merge.align_inliers(query_names, ref_names, order, inliers, depth),
@@ -220,6 +259,10 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
     skipped = {"queries": {n: errors[n] for n in query_names if n in errors},
                "references": {n: errors[n] for n in ref_names if n in errors}}
     atomic_write_json(out_dir / "skipped.json", skipped)
+    if skipped["queries"] or skipped["references"]:
+        logger.warning("%d unreadable queries (given the references in name order) and %d unreadable "
+                       "references (ranked last): see %s", len(skipped["queries"]), len(skipped["references"]),
+                       out_dir / "skipped.json")
 
     final = order_to_names(rankings_by_stage[list(rankings_by_stage)[-1]], query_names, ref_names)
     write_rankings(out_dir, final)

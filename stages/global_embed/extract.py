@@ -113,10 +113,12 @@ def main(conf: dict, images: dict[str, Path], cache_root: Path, overwrite: bool 
     logger.info("global descriptors: %d of %d images to compute (%s)", len(todo), len(names), store.dir)
     if not todo:
         return store.dir
-    model = model or load_model(conf, cache_root)
+    loaded = [model]
 
-    def compute(rgb):
-        regions = describe(model, rgb, conf)
+    def compute(rgb):  # the model is built on the first readable image, not for unreadable ones
+        if loaded[0] is None:
+            loaded[0] = load_model(conf, cache_root)
+        regions = describe(loaded[0], rgb, conf)
         return {"descriptor": regions[0], "region_descriptors": regions,
                 "image_size": np.array([rgb.shape[1], rgb.shape[0]], np.int32)}
 

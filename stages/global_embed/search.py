@@ -6,6 +6,7 @@ faiss ``IndexFlatIP`` (exact), moved to the GPUs when faiss sees any. Writes
 reads and a user can inspect.
 """
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,8 @@ def rank_all(query_desc: np.ndarray, ref_desc: np.ndarray, batch: int = 256) -> 
 def write_ranking(out_dir: Path, query_names: list[str], ref_names: list[str], order: np.ndarray,
                   scores: np.ndarray, top_k: int, unranked: set[str] = frozenset()) -> tuple[Path, Path]:
     """Writes ``global_ranking.npz`` and the shortlist ``pairs-global-top{k}.txt`` (tab-separated
-    "query<TAB>reference" lines; queries in `unranked`, e.g. unreadable ones, left out).
+    "query<TAB>reference" lines, `write_pairs`). Names in `unranked` (unreadable images) are
+    left out of the shortlist: queries entirely, references from every query's top-k.
 
     Returns:
         (ranking path, pairs path).
@@ -81,19 +83,41 @@ def write_ranking(out_dir: Path, query_names: list[str], ref_names: list[str], o
         "query_names": np.array(query_names, dtype=str), "ref_names": np.array(ref_names, dtype=str),
         "order": order, "scores": scores})
     pairs_path = out_dir / f"pairs-global-top{top_k}.txt"
-    lines = [f"{q}\t{ref_names[j]}" for i, q in enumerate(query_names) if q not in unranked
-             for j in order[i, :top_k]]
-    atomic_write_bytes(pairs_path, ("\n".join(lines) + "\n").encode())
+    write_pairs(pairs_path, [(q, ref_names[j]) for i, q in enumerate(query_names) if q not in unranked
+                             for j in order[i, :top_k] if ref_names[j] not in unranked])
     return ranking_path, pairs_path
 
 
+def _escape(name: str) -> str:
+    return name.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\(.)", lambda m: _UNESCAPE.get(m.group(1), m.group(1)), text)
+
+
+_UNESCAPE = {"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}
+
+
+def write_pairs(path: Path, pairs) -> None:
+    """Writes (query, reference) pairs as "query<TAB>reference" lines, atomically.
+
+    A tab, newline, carriage return or backslash inside a name is written as \\t, \\n,
+    \\r or \\\\, so every name survives `read_pairs`; names that are not valid UTF-8
+    (surrogate escapes) are written as their original bytes.
+    """
+    lines = [f"{_escape(q)}\t{_escape(r)}" for q, r in pairs]
+    atomic_write_bytes(Path(path), ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape") if lines else b"")
+
+
 def read_pairs(path: Path) -> dict[str, list[str]]:
-    """Reads a shortlist file into {query: [references, best first]}."""
+    """Reads a shortlist file (`write_pairs`) into {query: [references, best first]}."""
     pairs: dict[str, list[str]] = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_bytes().decode("utf-8", "surrogateescape").split("\n"):
+        line = line.removesuffix("\r")  # a file saved with CRLF line ends; a CR in a name is escaped
         if line:
             q, r = line.split("\t")
-            pairs.setdefault(q, []).append(r)
+            pairs.setdefault(_unescape(q), []).append(_unescape(r))
     return pairs
 
 

@@ -14,14 +14,12 @@ Reads the stage-1 shortlist (``pairs-global-top{k}.txt``), extracts each needed 
 """
 
 import argparse
-import os
-import time
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import logger, setup_logging
-from pipeline.cache import FeatureStore, atomic_save_npz, load_npz
+from pipeline.cache import FeatureStore, atomic_save_npz, exclusive_lock, load_npz
 from pipeline.conf import conf_hash, resolve
 from pipeline.extraction import extract_to_store
 from pipeline.images import ImageReadError, read_image
@@ -66,6 +64,11 @@ def describe(backend, rgb: np.ndarray, rotations, pca: dict | None) -> dict:
     Returns:
         The entry arrays documented in the module docstring.
     """
+    return _finish(_describe_raw(backend, rgb, rotations), pca)
+
+
+def _describe_raw(backend, rgb: np.ndarray, rotations) -> dict:
+    """`describe` before the PCA: descriptors float32 [N, backend.dim]."""
     h, w = rgb.shape[:2]
     parts = []
     for degrees in rotations:
@@ -74,13 +77,23 @@ def describe(backend, rgb: np.ndarray, rotations, pca: dict | None) -> dict:
         feats["rotations"] = np.full(len(feats["keypoints_xy"]), degrees, np.int16)
         parts.append(feats)
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    out["image_size"] = np.array([w, h], np.int32)
+    out["extracted_rotations"] = np.array(rotations, np.int16)
+    return out
+
+
+def _finish(raw: dict, pca: dict | None) -> dict:
+    """Applies the PCA (when given) and the float16 storage type to `_describe_raw` output."""
+    out = dict(raw)
     desc = out["descriptors"]
     if pca is not None:
         desc = apply_whitening(desc, pca) if len(desc) else np.zeros((0, len(pca["projection"])), np.float32)
     out["descriptors"] = desc.astype(np.float16)
-    out["image_size"] = np.array([w, h], np.int32)
-    out["extracted_rotations"] = np.array(rotations, np.int16)
     return out
+
+
+class PCAUnavailableError(RuntimeError):
+    """The local-descriptor PCA cannot be learned: no shortlisted reference gave features."""
 
 
 def _pca_sample(refs: list[str], n: int) -> list[str]:
@@ -96,36 +109,35 @@ def ensure_pca(store: FeatureStore, get_backend, conf: dict, refs: list[str], im
     ``pca.npz`` beside the features.
 
     The PCA belongs to the store: every feature in it is projected by the same matrix, so
-    images cached from another dataset stay comparable. A lock file makes concurrent runs
-    learn it once. The sampled references' features are written to the store on the way.
+    images cached from another dataset stay comparable. A file lock (released by the
+    system even when its holder is killed) makes concurrent runs learn it once. The
+    sampled references' features are written to the store on the way, exactly as a later
+    extraction would write them. A damaged ``pca.npz`` is not trusted: the store's
+    entries, projected by it, are deleted and the PCA learned again.
 
     Returns:
         (pca {"mean", "projection"}, names of the references written while learning it).
 
     Raises:
-        RuntimeError: no sampled reference was readable, or a lock held for over an hour.
+        PCAUnavailableError: no sampled reference was readable or gave features.
     """
     path = store.dir / "pca.npz"
-    lock = store.dir / "pca.lock"
+    written: set[str] = set()
     if overwrite:
         path.unlink(missing_ok=True)
-    deadline = time.time() + 3600
-    written: set[str] = set()
-    while not path.exists():
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if time.time() - lock.stat().st_mtime > 3600 or time.time() > deadline:
-                lock.unlink(missing_ok=True)
-                continue
-            time.sleep(1.0)
-            continue
-        try:
-            os.close(fd)
-            if not path.exists():
-                written = _learn_pca(store, get_backend(), conf, refs, images, path)
-        finally:
-            lock.unlink(missing_ok=True)
+    try:
+        return load_npz(path), written
+    except ValueError:
+        pass  # missing (or damaged: checked again under the lock)
+    with exclusive_lock(store.dir / "pca.lock"):
+        if path.exists():
+            try:
+                return load_npz(path), written
+            except ValueError as e:
+                logger.warning("%s; deleting the local features it projected and learning it again", e)
+                for entry in store.dir.glob("*.npz"):
+                    entry.unlink(missing_ok=True)
+        written = _learn_pca(store, get_backend(), conf, refs, images, path)
     return load_npz(path), written
 
 
@@ -135,17 +147,18 @@ def _learn_pca(store, backend, conf, refs, images, path) -> set[str]:
     raw = {}
     for name in sample:
         try:
-            raw[name] = (describe(backend, read_image(images[name]), [0], None), images[name])
+            raw[name] = _describe_raw(backend, read_image(images[name]), [0])
         except ImageReadError as e:
             logger.warning("skipping unreadable image %s", e)
-    vectors = [f["descriptors"].astype(np.float32) for f, _ in raw.values() if len(f["descriptors"])]
-    if not vectors:
-        raise RuntimeError("cannot learn the local PCA: no readable reference with features")
+    # Learned on the descriptors at their float16 storage precision.
+    vectors = [f["descriptors"].astype(np.float16).astype(np.float32) for f in raw.values() if len(f["descriptors"])]
+    if sum(map(len, vectors)) < 2:
+        raise PCAUnavailableError(f"cannot learn the local PCA: none of {len(sample)} sampled references "
+                                  "gave local features")
     pca = learn_pca_whitening(np.concatenate(vectors), conf["pca_dim"], shrinkage=1.0)
     atomic_save_npz(path, pca)
-    for name, (feats, source) in raw.items():
-        feats["descriptors"] = apply_whitening(feats["descriptors"].astype(np.float32), pca).astype(np.float16)
-        store.write(name, feats, source)
+    for name, feats in raw.items():
+        store.write(name, _finish(feats, pca), images[name])
     return set(raw)
 
 
