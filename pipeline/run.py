@@ -66,8 +66,8 @@ def learn_whitening(mode: str, dim: int, ref_desc: np.ndarray, train_desc: np.nd
     """Chooses and learns the whitening of `mode`.
 
     "auto" learns from matching pairs of the training classes when there are any, and
-    applies none otherwise (`run` also picks none with a trained model); "learned" demands training pairs; "pca" learns PCA whitening
-    on the references (unsupervised).
+    applies none otherwise (`run` also picks none with a trained model); "learned"
+    demands training pairs; "pca" learns PCA whitening on the references (unsupervised).
 
     Returns:
         (the mode applied, whitening dict or None).
