@@ -129,7 +129,7 @@ def rank_globally(query_names, ref_names, features: dict, whitening: dict | None
 
 def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, pairs_path: Path, local_dir: Path,
                           order: np.ndarray, query_names: list[str], ref_names: list[str], timings: dict,
-                          unreadable: set[str] = frozenset()):
+                          unreadable: set[str] = frozenset(), backend: local_extract.LazyBackend | None = None):
     """Stage 3 on the top-k shortlist, then on deeper windows for the queries it left unverified.
 
     A query none of whose top-k references reaches `expand_below` inliers probably has its
@@ -167,7 +167,7 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, pairs_
                                            if ref_names[j] not in unreadable])
         depth = end_rank
         start = time.perf_counter()
-        local_extract.main(rc.local_conf, window, dataset.images, rc.cache, rc.overwrite)
+        local_extract.main(rc.local_conf, window, dataset.images, rc.cache, rc.overwrite, backend=backend)
         timings["local"] = timings.get("local", 0.0) + time.perf_counter() - start
 
 
@@ -239,10 +239,12 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
         logger.warning("no readable query with a readable reference: local features and reranking skipped, "
                        "the global ranking is final")
         stages = ("global",)
+    backend = local_extract.LazyBackend(rc.local_conf, rc.cache)  # shared by the shortlist windows
     if "local" in stages:
         start = time.perf_counter()
         try:
-            local_dir = local_extract.main(rc.local_conf, pairs_path, dataset.images, rc.cache, rc.overwrite)
+            local_dir = local_extract.main(rc.local_conf, pairs_path, dataset.images, rc.cache, rc.overwrite,
+                                           backend=backend)
         except local_extract.PCAUnavailableError as e:
             logger.warning("%s: reranking skipped, the global ranking is final", e)
             stages = ("global",)
@@ -250,7 +252,7 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
 
     if "rerank" in stages:
         inliers, depth = verify_with_expansion(rc, dataset, out_dir, pairs_path, local_dir, order, query_names,
-                                               ref_names, timings, unreadable)
+                                               ref_names, timings, unreadable, backend)
         merge = rc.rerank_conf["merge"]
         rankings_by_stage["rerank"] = rerank_merge.rerank(
             order, scores, rerank_merge.align_inliers(query_names, ref_names, order, inliers, depth),

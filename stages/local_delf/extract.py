@@ -179,8 +179,21 @@ def needs_extraction(store: FeatureStore, images: dict[str, Path], rotations, ov
     return [n for n in images if n in todo]
 
 
+class LazyBackend:
+    """Builds the backend of `conf` on first use and keeps it: a fully cached run never
+    loads a network, and several `main` calls of one run (shortlist windows) load it once."""
+
+    def __init__(self, conf: dict, cache_root: Path):
+        self.conf, self.cache_root, self._backend = conf, cache_root, None
+
+    def __call__(self):
+        if self._backend is None:
+            self._backend = load_backend(self.conf, self.cache_root)
+        return self._backend
+
+
 def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path, overwrite: bool = False,
-         shard: tuple[int, int] = (0, 1), backend=None) -> Path:
+         shard: tuple[int, int] = (0, 1), backend: LazyBackend | None = None) -> Path:
     """Extracts local features of the queries and shortlisted references in `pairs_path`.
 
     Args:
@@ -190,7 +203,7 @@ def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path
         cache_root: cache folder; features go to ``<cache_root>/local/<name>-<hash>/``.
         overwrite: recompute cached entries (and the PCA).
         shard: (i, n) computes only every n-th image starting at i.
-        backend: a loaded backend to reuse.
+        backend: a `LazyBackend` of `conf` to share between calls (one is made otherwise).
 
     Returns:
         The feature store folder.
@@ -200,13 +213,7 @@ def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path
     queries = sorted(pairs)
     refs = sorted({r for rs in pairs.values() for r in rs})
     store = store_for(conf, cache_root)
-    loaded = [backend]
-
-    def get_backend():  # building the network is slow; a fully cached run never does
-        if loaded[0] is None:
-            loaded[0] = load_backend(conf, cache_root)
-        return loaded[0]
-
+    get_backend = backend or LazyBackend(conf, cache_root)
     pca, fresh = None, set()
     if BACKENDS[conf["backend"]].needs_pca:
         pca, fresh = ensure_pca(store, get_backend, conf, refs, images, overwrite)
