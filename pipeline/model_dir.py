@@ -86,6 +86,16 @@ def weights_identity(model_dir: Path) -> str:
     return f"lite0-trained-{digest.hexdigest()[:16]}"
 
 
+def backbone_identity(model_dir: Path | None) -> str:
+    """Identity of the EfficientNet-Lite0 weights in use, without loading them: the
+    trained model directory's (`weights_identity`) or the shipped ImageNet checkpoint's."""
+    if model_dir:
+        return weights_identity(model_dir)
+    from stages.backbone.efficientnet_lite import shipped_checkpoint
+
+    return "lite0-imagenet-" + shipped_checkpoint().name
+
+
 def load_backbone_weights(model, model_dir: Path) -> str:
     """Sets the EfficientNet-Lite0 layers of `model` from a model directory, by layer name.
 

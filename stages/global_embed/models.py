@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.model_dir import backbone_identity
 from stages.backbone import efficientnet_lite as lite
 
 
@@ -115,11 +116,7 @@ def model_identity(conf: dict) -> str:
     """
     name = conf["model"]
     if name == "lite0":
-        if conf.get("weights_dir"):
-            from pipeline.model_dir import weights_identity
-
-            return weights_identity(conf["weights_dir"])
-        return "lite0-imagenet-" + lite.shipped_checkpoint().name
+        return backbone_identity(conf.get("weights_dir"))
     if name == "resnet50":
         return f"keras-resnet50-{conf.get('keras_weights', 'imagenet')}"
     if name == "tfhub":

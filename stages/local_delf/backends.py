@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from pipeline.images import resize_by, resize_max_side
+from pipeline.model_dir import backbone_identity
 from stages.backbone import efficientnet_lite as lite
 
 from .keypoints import dense_candidates, select_top
@@ -162,11 +163,7 @@ def backend_identity(conf: dict) -> str:
     """
     name = conf["backend"]
     if name == "delf-lite0":
-        if conf.get("weights_dir"):
-            from pipeline.model_dir import weights_identity
-
-            return weights_identity(conf["weights_dir"])
-        return "lite0-imagenet-" + lite.shipped_checkpoint().name
+        return backbone_identity(conf.get("weights_dir"))
     if name == "delf-hub":
         return f"delf-hub-{conf.get('hub_handle') or DELF_HUB_URL}"
     if name == "sift":
