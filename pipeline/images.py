@@ -10,7 +10,7 @@ from .image_header import apply_orientation, read_header
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Decoded images above this many pixels are refused before they exhaust memory.
-MAX_PIXELS = 200_000_000
+MAX_PIXELS = 178_956_970  # Pillow's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS)
 _BLEND_ROWS = 512
 
 
@@ -91,8 +91,8 @@ def read_image(path) -> np.ndarray:
     if data.size == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
     header = read_header(data.tobytes())
-    if header.width and header.height and header.width * header.height > MAX_PIXELS:
-        raise ImageReadError(path, f"too large ({header.width}x{header.height} pixels, limit {MAX_PIXELS})")
+    if header.pixels and header.pixels > MAX_PIXELS:
+        raise ImageReadError(path, f"too large ({header.size_text}, limit {MAX_PIXELS})")
     if header.format == "jpeg" and b"\xff\xd9" not in data[-4096:].tobytes():
         raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
     keep_alpha = header.format in ("png", "webp")
