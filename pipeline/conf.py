@@ -41,3 +41,18 @@ def conf_hash(*parts: Any) -> str:
     """A short, stable hash of JSON-serialisable parts (confs, file digests), for cache keys."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"I/N" -> (I, N): this process takes every N-th item starting at item I.
+
+    Raises:
+        ValueError: not two integers with 0 <= I < N.
+    """
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError as e:
+        raise ValueError(f"shard must look like I/N, e.g. 0/4; got {text!r}") from e
+    if not 0 <= i < n:
+        raise ValueError(f"shard I/N needs 0 <= I < N; got {text!r}")
+    return i, n

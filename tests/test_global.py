@@ -124,3 +124,22 @@ def test_tfhub_feature_vector_from_a_local_module(tmp_path):
     assert model.returns_map is False
     with pytest.raises(ValueError, match="hub-handle"):
         HubFeatureVector("")
+
+
+def test_shards_split_the_work(tmp_path):
+    from pipeline.cache import FeatureStore
+    from pipeline.conf import parse_shard, resolve
+    from stages.global_embed.extract import confs, main
+    from tests.conftest import write_image
+
+    images = {f"img{i}": write_image(tmp_path / "img" / f"img{i}.png", np.full((40, 50, 3), 20 * i, np.uint8))
+              for i in range(5)}
+    conf = resolve(default_conf, confs, "lite0-gem")
+    store = FeatureStore.open(main(conf, images, tmp_path / "cache", shard=parse_shard("0/2"), model=ConstantMap()))
+    assert store.names() == {"img0", "img2", "img4"}
+    main(conf, images, tmp_path / "cache", shard=parse_shard("1/2"), model=ConstantMap())
+    assert store.names() == set(images)
+    with pytest.raises(ValueError):
+        parse_shard("2/2")
+    with pytest.raises(ValueError):
+        parse_shard("half")

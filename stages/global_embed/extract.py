@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline import logger, setup_logging
 from pipeline.cache import FeatureStore
-from pipeline.conf import conf_hash, resolve
+from pipeline.conf import conf_hash, parse_shard, resolve
 from pipeline.extraction import extract_to_store
 from pipeline.images import resize_by, resize_max_side
 
@@ -132,11 +132,14 @@ def cli():
     parser.add_argument("--cache", type=Path, default=Path("cache"), help="cache folder")
     parser.add_argument("--conf", default="lite0-gem", choices=sorted(confs), help="named conf")
     parser.add_argument("--overwrite", action="store_true", help="recompute cached images")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1),
+                        help="I/N: compute only every N-th item from item I, so N processes share the work")
     args = parser.parse_args()
     setup_logging()
     from pipeline.dataset import list_images
 
-    print(main(resolve(default_conf, confs, args.conf), list_images(args.images), args.cache, args.overwrite))
+    print(main(resolve(default_conf, confs, args.conf), list_images(args.images), args.cache, args.overwrite,
+               args.shard))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline import logger, setup_logging
 from pipeline.cache import FeatureStore, atomic_save_npz, exclusive_lock, load_npz
-from pipeline.conf import conf_hash, resolve
+from pipeline.conf import conf_hash, parse_shard, resolve
 from pipeline.extraction import extract_to_store
 from pipeline.images import ImageReadError, read_image
 from stages.global_embed.search import read_pairs
@@ -240,12 +240,14 @@ def cli():
     parser.add_argument("--cache", type=Path, default=Path("cache"), help="cache folder")
     parser.add_argument("--conf", default="delf-lite0", choices=sorted(confs), help="named conf")
     parser.add_argument("--overwrite", action="store_true", help="recompute cached features")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1),
+                        help="I/N: compute only every N-th item from item I, so N processes share the work")
     args = parser.parse_args()
     setup_logging()
     from pipeline.dataset import load_dataset
 
     conf = resolve(default_conf, confs, args.conf)
-    print(main(conf, args.pairs, load_dataset(args.data).images, args.cache, args.overwrite))
+    print(main(conf, args.pairs, load_dataset(args.data).images, args.cache, args.overwrite, args.shard))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline import logger, setup_logging
 from pipeline.cache import FeatureStore, source_stamp
-from pipeline.conf import conf_hash, resolve
+from pipeline.conf import conf_hash, parse_shard, resolve
 
 from . import matching, ransac
 
@@ -297,12 +297,14 @@ def cli():
     parser.add_argument("--cache", type=Path, default=Path("cache"), help="cache folder")
     parser.add_argument("--conf", default="mnn-affine-opencv", choices=sorted(confs), help="named conf")
     parser.add_argument("--overwrite", action="store_true", help="recompute cached pairs")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1),
+                        help="I/N: compute only every N-th item from item I, so N processes share the work")
     parser.add_argument("--workers", type=int, default=2, help="parallel joblib workers")
     parser.add_argument("--backend", default="loky", choices=["loky", "threading"], help="joblib backend")
     args = parser.parse_args()
     setup_logging()
     conf = resolve(default_conf, confs, args.conf)
-    print(main(conf, args.pairs, args.features, args.cache, args.overwrite, args.workers, args.backend))
+    print(main(conf, args.pairs, args.features, args.cache, args.overwrite, args.workers, args.backend, args.shard))
 
 
 if __name__ == "__main__":
