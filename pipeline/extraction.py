@@ -38,15 +38,50 @@ def _may_read_ahead(ahead: list) -> bool:
                if f.result()[0] is not None) < PREFETCH_PIXELS
 
 
+def _read_and_compute(path: Path, compute):
+    rgb, error = _read(path)
+    if error is not None:
+        return None, error, None
+    try:
+        return compute(rgb), None, None
+    except Exception as e:  # reported by the caller, with the image name
+        return None, None, e
+
+
+def _results(names, images, compute, prefetch: int, workers: int):
+    """(name, arrays, read error, compute exception) per image, in order."""
+    if workers > 1:  # the backend is thread-safe and single-threaded: one image per thread
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for name, result in zip(names, pool.map(lambda n: _read_and_compute(images[n], compute), names),
+                                    strict=True):
+                yield (name, *result)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = []
+        for i, name in enumerate(names):
+            while len(pending) < min(i + 1 + prefetch, len(names)) and _may_read_ahead(pending[i:]):
+                pending.append(pool.submit(_read, images[names[len(pending)]]))
+            rgb, error = pending[i].result()
+            pending[i] = None
+            if error is not None:
+                yield name, None, error, None
+                continue
+            try:
+                yield name, compute(rgb), None, None
+            except Exception as e:  # reported by the caller, with the image name
+                yield name, None, None, e
+
+
 def extract_to_store(store: FeatureStore, images: dict[str, Path],
                      compute: Callable[[np.ndarray], dict[str, np.ndarray]],
-                     desc: str, prefetch: int = 4) -> dict:
+                     desc: str, prefetch: int = 4, workers: int = 1) -> dict:
     """Computes and caches features for every image in `images`.
 
     Images are decoded by a background thread while `compute` runs, at most `prefetch`
-    images and about PREFETCH_PIXELS pixels ahead. An unreadable image (`ImageReadError`)
-    is logged once and cached as an error entry (one that the next run retries when the
-    file could not be read at all); an exception from `compute` is logged with the image
+    images and about PREFETCH_PIXELS pixels ahead; with `workers` > 1, that many threads
+    each read and compute whole images (for thread-safe backends that use one core). An
+    unreadable image (`ImageReadError`) is logged once and cached as an error entry (one
+    that the next run retries when the file could not be read at all); an exception from `compute` is logged with the image
     name and cached as an error entry to retry, and the run goes on.
 
     Args:
@@ -55,6 +90,7 @@ def extract_to_store(store: FeatureStore, images: dict[str, Path],
         compute: uint8 RGB [H, W, 3] -> {array name: array}.
         desc: progress-bar label.
         prefetch: images decoded ahead of the one being computed.
+        workers: threads computing images at once (1: compute in this thread).
 
     Returns:
         {"computed": n, "failed": {name: reason}, "seconds": wall time}.
@@ -62,25 +98,18 @@ def extract_to_store(store: FeatureStore, images: dict[str, Path],
     failed: dict[str, str] = {}
     start = time.perf_counter()
     names = list(images)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = []
-        for i, name in enumerate(tqdm(names, desc=desc, unit="img", leave=False, disable=None)):
-            while len(pending) < min(i + 1 + prefetch, len(names)) and _may_read_ahead(pending[i:]):
-                pending.append(pool.submit(_read, images[names[len(pending)]]))
-            rgb, error = pending[i].result()
-            pending[i] = None
-            if error is not None:
-                logger.warning("skipping unreadable image %s", error)
-                failed[name] = error.reason
-                store.write_error(name, error.reason, images[name], retry=error.transient)
-                continue
-            try:
-                arrays = compute(rgb)
-            except Exception as e:  # one bad image must not end the run
-                logger.exception("failed to process %s (%s): %s", name, images[name], e)
-                failed[name] = f"processing failed ({type(e).__name__}: {e})"
-                store.write_error(name, failed[name], images[name], retry=True)
-                continue
+    results = _results(names, images, compute, prefetch, workers)
+    for name, arrays, error, exc in tqdm(results, total=len(names), desc=desc, unit="img", leave=False,
+                                         disable=None):
+        if error is not None:
+            logger.warning("skipping unreadable image %s", error)
+            failed[name] = error.reason
+            store.write_error(name, error.reason, images[name], retry=error.transient)
+        elif exc is not None:  # one bad image must not end the run
+            logger.error("failed to process %s (%s): %s", name, images[name], exc, exc_info=exc)
+            failed[name] = f"processing failed ({type(exc).__name__}: {exc})"
+            store.write_error(name, failed[name], images[name], retry=True)
+        else:
             store.write(name, arrays, images[name])
     seconds = time.perf_counter() - start
     done = len(names) - len(failed)

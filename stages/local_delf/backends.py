@@ -9,6 +9,8 @@
 - "sift": OpenCV SIFT with RootSIFT normalisation (Arandjelović & Zisserman, CVPR 2012).
 """
 
+import os
+import threading
 from pathlib import Path
 
 import cv2
@@ -36,6 +38,7 @@ class DenseLite0:
 
     dim = lite.STRIDE16_CHANNELS
     needs_pca = True
+    image_workers = 1  # TensorFlow already spreads one image over every core
 
     def __init__(self, conf: dict, cache_dir: Path):
         import tensorflow as tf
@@ -87,6 +90,7 @@ class DelfHub:
 
     dim = 40
     needs_pca = False
+    image_workers = 1
 
     def __init__(self, conf: dict, cache_dir: Path):
         import tensorflow_hub as hub
@@ -123,11 +127,18 @@ class Sift:
 
     dim = 128
     needs_pca = False
+    image_workers = os.cpu_count() or 1  # OpenCV releases the GIL; one detector per thread
 
     def __init__(self, conf: dict, cache_dir: Path):
         self.conf = conf
-        self.sift = cv2.SIFT_create(nfeatures=int(conf["max_feature_num"]))
+        self._local = threading.local()
         self.identity = backend_identity(conf)
+
+    @property
+    def sift(self):
+        if not hasattr(self._local, "sift"):
+            self._local.sift = cv2.SIFT_create(nfeatures=int(self.conf["max_feature_num"]))
+        return self._local.sift
 
     def __call__(self, rgb: np.ndarray) -> dict:
         base, _ = resize_max_side(rgb, self.conf["resize_max"])

@@ -224,9 +224,10 @@ def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path
         logger.info("local features: %d of %d %s to extract", len(todo), len(names), label)
         if not todo:
             continue
+        backend_now = get_backend()  # built here, before any worker thread needs it
         stats = extract_to_store(store, {n: images[n] for n in todo},
-                                 lambda rgb, r=rotations: describe(get_backend(), rgb, r, pca),
-                                 desc=f"local features ({label})")
+                                 lambda rgb, r=rotations, b=backend_now: describe(b, rgb, r, pca),
+                                 desc=f"local features ({label})", workers=backend_now.image_workers)
         n_kp = [len(store.read(n)["keypoints_xy"]) for n in todo if n not in stats["failed"]]
         logger.info("local features (%s): %.1f keypoints per image (%d rotations)",
                     label, float(np.mean(n_kp)) if n_kp else 0.0, len(rotations))
