@@ -81,8 +81,9 @@ def extract_to_store(store: FeatureStore, images: dict[str, Path],
     images and about PREFETCH_PIXELS pixels ahead; with `workers` > 1, that many threads
     each read and compute whole images (for thread-safe backends that use one core). An
     unreadable image (`ImageReadError`) is logged once and cached as an error entry (one
-    that the next run retries when the file could not be read at all); an exception from `compute` is logged with the image
-    name and cached as an error entry to retry, and the run goes on.
+    that the next run retries when the file could not be read at all); an exception from
+    `compute` is logged with the image name and cached as an error entry to retry, and
+    the run goes on.
 
     Args:
         store: where each image's arrays are written, keyed by name.
