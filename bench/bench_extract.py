@@ -76,7 +76,6 @@ def bench_local(queries: dict, refs: dict, cache: Path, backends: list[str], pca
     from stages.local_delf.backends import load_backend
 
     rows, numbers = [], {}
-    per_image = {}
     loaded = {}
     for name in backends:
         conf = resolve(loc.default_conf, loc.confs, name)
@@ -101,7 +100,6 @@ def bench_local(queries: dict, refs: dict, cache: Path, backends: list[str], pca
                     out = loc.describe(backend, rgb, rotations, pca)
                 times[(name, kind)].append(t.wall)
                 kps[(name, kind)].append(len(out["keypoints_xy"]))
-                per_image[(name, kind)] = out
     base = None
     for name in loaded:
         for kind in ("references", "queries"):
@@ -112,14 +110,11 @@ def bench_local(queries: dict, refs: dict, cache: Path, backends: list[str], pca
                 base = ips
             numbers[f"local_ips_{name}_{kind}"] = ips
             numbers[f"local_keypoints_{name}_{kind}"] = float(np.mean(kps[(name, kind)]))
-            out = per_image[(name, kind)]
-            nbytes = sum(v.nbytes for v in out.values())
             rows.append([name, kind, len(ts), len(rotations), fmt(1e3 / ips, 0), fmt(ips, 2),
-                         f"{ips / base:.2f}x", fmt(np.mean(kps[(name, kind)]), 0), fmt(nbytes / 1e3, 1)])
+                         f"{ips / base:.2f}x", fmt(np.mean(kps[(name, kind)]), 0)])
     text = table(["local features", "images", "n", "rotations", "ms/image", "images/s",
-                  "vs delf-lite0 references", "keypoints/image", "arrays KB (last image)"],
-                 [r for r in rows if len(r) == 9])
-    notes = [r for r in rows if len(r) != 9]
+                  "vs delf-lite0 references", "keypoints/image"], [r for r in rows if len(r) == 8])
+    notes = [r for r in rows if len(r) != 8]
     for r in notes:
         text += f"\n\n{r[0]}: {r[-1]}"
     return text, numbers
