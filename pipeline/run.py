@@ -10,7 +10,7 @@ import numpy as np
 
 from stages.global_embed import extract as global_extract
 from stages.global_embed import search as global_search
-from stages.global_embed.whitening import apply_whitening, learn_pair_whitening, learn_pca_whitening
+from stages.global_embed.whitening import apply_whitening, learn_cached, learn_pair_whitening, learn_pca_whitening
 from stages.local_delf import extract as local_extract
 from stages.rerank import merge as rerank_merge
 from stages.rerank import verify as rerank_verify
@@ -62,12 +62,14 @@ def train_images(dataset: Dataset) -> tuple[dict[str, Path], dict[str, str]]:
 
 
 def learn_whitening(mode: str, dim: int, ref_desc: np.ndarray, train_desc: np.ndarray | None,
-                    train_labels) -> tuple[str, dict | None]:
+                    train_labels, cache_dir: Path | None = None) -> tuple[str, dict | None]:
     """Chooses and learns the whitening of `mode`.
 
     "auto" learns from matching pairs of the training classes when there are any, and
     applies none otherwise (`run` also picks none with a trained model); "learned"
     demands training pairs; "pca" learns PCA whitening on the references (unsupervised).
+    With `cache_dir`, a whitening learned before from the same descriptors is read back
+    instead (`learn_cached`).
 
     Returns:
         (the mode applied, whitening dict or None).
@@ -79,12 +81,12 @@ def learn_whitening(mode: str, dim: int, ref_desc: np.ndarray, train_desc: np.nd
     if mode == "learned" or (mode == "auto" and has_pairs):
         if not has_pairs:
             raise ValueError("--whitening learned needs train/train_data/<class>/ with 2+ images in a class")
-        return "learned", learn_pair_whitening(train_desc, train_labels, dim)
+        return "learned", learn_cached(cache_dir, learn_pair_whitening, train_desc, list(train_labels), dim)
     if mode == "pca":
         if len(ref_desc) < 2:
             logger.warning("PCA whitening needs 2+ readable references, %d found: no whitening", len(ref_desc))
             return "none", None
-        return "pca", learn_pca_whitening(ref_desc, dim, shrinkage=0.5)
+        return "pca", learn_cached(cache_dir, learn_pca_whitening, ref_desc, dim, shrinkage=0.5)
     return "none", None
 
 
@@ -226,7 +228,7 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
         whitening_mode, rc.whiten_dim,
         np.stack([features[n]["descriptor"] for n in ref_names if n in features] or [np.zeros(1)]),
         np.stack([features[k]["descriptor"] for k in ok_train]) if ok_train else None,
-        [labels[k] for k in ok_train])
+        [labels[k] for k in ok_train], store_dir / "whitening")
     logger.info("global whitening: %s", applied)
     order, scores = rank_globally(query_names, ref_names, features, whitening, rc.query_regions)
     ranking_path, pairs_path = global_search.write_ranking(

@@ -6,7 +6,13 @@ from stages.global_embed.extract import default_conf, describe, region_slices
 from stages.global_embed.models import FeatureModel, HubFeatureVector, KerasResNet50
 from stages.global_embed.pooling import combine_scales, gem, l2_normalize
 from stages.global_embed.search import rank_all, read_pairs, write_ranking
-from stages.global_embed.whitening import apply_whitening, learn_pair_whitening, learn_pca_whitening, same_class_pairs
+from stages.global_embed.whitening import (
+    apply_whitening,
+    learn_cached,
+    learn_pair_whitening,
+    learn_pca_whitening,
+    same_class_pairs,
+)
 
 
 def test_gem_hand_computed():
@@ -34,24 +40,44 @@ def test_region_slices_cover_fractions_and_never_empty():
     assert ys.stop > ys.start and xs.stop > xs.start
 
 
-def test_rank_all_matches_brute_force_and_is_a_permutation():
+@pytest.mark.parametrize("backend", ["faiss", "blas"])
+def test_rank_all_matches_brute_force_and_is_a_permutation(backend):
     rng = np.random.default_rng(1)
     refs = l2_normalize(rng.normal(size=(50, 16)))
     queries = l2_normalize(rng.normal(size=(7, 16)))
-    order, scores = rank_all(queries, refs)
+    order, scores = rank_all(queries, refs, backend=backend)
     sims = queries @ refs.T
     np.testing.assert_array_equal(order, np.argsort(-sims, axis=1, kind="stable"))
     np.testing.assert_allclose(scores, np.take_along_axis(sims, order, 1), rtol=1e-5, atol=1e-6)
     assert all(sorted(row) == list(range(50)) for row in order.tolist())
 
 
-def test_rank_all_with_regions_takes_the_best_region():
+@pytest.mark.parametrize("backend", ["faiss", "blas"])
+def test_rank_all_with_regions_takes_the_best_region(backend):
     refs = np.eye(3, dtype=np.float32)
     # query region 0 looks like ref 0 a little, region 1 exactly like ref 2
     queries = l2_normalize(np.array([[[0.6, 0.5, 0.0], [0.0, 0.0, 1.0]]], np.float32))
-    order, scores = rank_all(queries, refs)
+    order, scores = rank_all(queries, refs, backend=backend)
     assert order[0].tolist() == [2, 0, 1]
     assert scores[0, 0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "blas"])
+def test_rank_all_ranks_nan_references_last(backend):
+    refs = np.array([[1, 0], [np.nan, np.nan], [0, 1]], np.float32)
+    order, scores = rank_all(np.array([[0.0, 1.0]], np.float32), refs, backend=backend)
+    assert order[0].tolist() == [2, 0, 1]
+    assert scores[0, 2] == -np.inf
+
+
+def test_rank_all_faiss_and_blas_agree():
+    rng = np.random.default_rng(2)
+    refs = l2_normalize(rng.normal(size=(300, 32)))
+    queries = l2_normalize(rng.normal(size=(20, 3, 32)))
+    faiss_order, faiss_scores = rank_all(queries, refs, backend="faiss")
+    blas_order, blas_scores = rank_all(queries, refs, backend="blas")
+    np.testing.assert_array_equal(faiss_order[:, :50], blas_order[:, :50])
+    np.testing.assert_allclose(faiss_scores, blas_scores, atol=1e-5)
 
 
 def test_shortlist_round_trip(tmp_path):
@@ -143,3 +169,31 @@ def test_shards_split_the_work(tmp_path):
         parse_shard("2/2")
     with pytest.raises(ValueError):
         parse_shard("half")
+
+
+def test_learned_whitening_is_cached_by_its_inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 6)).astype(np.float32)
+    labels = [i // 4 for i in range(40)]
+    calls = []
+
+    def learn_pair_whitening_counted(*args, **kwargs):
+        calls.append(args)
+        return learn_pair_whitening(*args, **kwargs)
+
+    first = learn_cached(tmp_path, learn_pair_whitening_counted, x, labels, 4)
+    again = learn_cached(tmp_path, learn_pair_whitening_counted, x, labels, 4)
+    assert len(calls) == 1, "the second call reads the cached file"
+    for key, value in learn_pair_whitening(x, labels, 4).items():
+        np.testing.assert_array_equal(first[key], value)
+        np.testing.assert_array_equal(again[key], value)
+    learn_cached(tmp_path, learn_pair_whitening_counted, x, labels, 5)  # another dim
+    learn_cached(tmp_path, learn_pair_whitening_counted, x * 2, labels, 4)  # other descriptors
+    learn_cached(tmp_path, learn_pair_whitening_counted, x, labels[::-1], 4)  # other labels
+    assert len(calls) == 4
+    for path in tmp_path.iterdir():
+        path.write_bytes(b"corrupt")
+    relearned = learn_cached(tmp_path, learn_pair_whitening_counted, x, labels, 4)
+    assert len(calls) == 5
+    np.testing.assert_array_equal(relearned["projection"], first["projection"])
+    assert learn_cached(None, learn_pca_whitening, x, 3)["projection"].shape == (3, 6)

@@ -126,3 +126,19 @@ def test_delf_hub_backend_with_a_stub_module(tmp_path, weights_cache):
     assert feats["scores"].tolist() == [100.0, 100.0, 100.0]  # the conf's score_threshold reached the module
     entry = local_extract.describe(backend, rgb, [0], None)
     assert entry["descriptors"].shape == (3, 40) and entry["descriptors"].dtype == np.float16
+
+
+def test_needs_extraction_reads_the_covered_rotations(tmp_path):
+    from pipeline.cache import FeatureStore
+
+    store = FeatureStore(tmp_path, "local", {"name": "t"}, "k")
+    images = {}
+    for name, rotations in (("both", [0, 90]), ("only0", [0])):
+        images[name] = tmp_path / f"{name}.jpg"
+        images[name].write_bytes(b"x")
+        store.write(name, {"extracted_rotations": np.array(rotations, np.int16)}, images[name])
+    images["absent"] = tmp_path / "absent.jpg"
+    images["absent"].write_bytes(b"x")
+    assert local_extract.needs_extraction(store, images, [0, 90], False) == ["only0", "absent"]
+    assert local_extract.needs_extraction(store, images, [0], False) == ["absent"]
+    assert local_extract.needs_extraction(store, images, [0], True) == ["both", "only0", "absent"]

@@ -1,11 +1,16 @@
 """Stage 1b: rank every reference for every query by inner product of global descriptors.
 
-faiss ``IndexFlatIP`` (exact), moved to the GPUs when faiss sees any. Writes
+Exact: faiss ``IndexFlatIP`` (on every GPU faiss sees), as the design prescribes. A numpy
+matrix product and a stable argsort (``backend="blas"``) ranks identically; it serves as the
+reference in tests and benchmarks, where it measured 4-7x faster than faiss-cpu for a full
+ranking (k = R), whose cost is faiss's k-selection (bench/bench_search.py, BENCHMARKS.md).
+Writes
 ``global_ranking.npz`` (full order and scores) and the top-k shortlist
 ``pairs-global-top{k}.txt`` (one "query reference" line per pair, best first) that stage 2
 reads and a user can inspect.
 """
 
+import functools
 import re
 from pathlib import Path
 
@@ -16,18 +21,44 @@ from pipeline import logger
 from pipeline.cache import atomic_save_npz, atomic_write_bytes
 
 
+def faiss_gpus() -> int:
+    """Number of GPUs faiss can use (0 for faiss-cpu)."""
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
 def make_index(dim: int):
     """An exact inner-product faiss index, on all GPUs when faiss has any."""
     import faiss
 
     index = faiss.IndexFlatIP(dim)
-    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+    if faiss_gpus() > 0:
         logger.info("faiss: using %d GPU(s)", faiss.get_num_gpus())
         index = faiss.index_cpu_to_all_gpus(index)
     return index
 
 
-def rank_all(query_desc: np.ndarray, ref_desc: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def _similarities_faiss(index, block: np.ndarray, r: int) -> np.ndarray:
+    """[n, D] queries -> float32 [n, R] inner products with every indexed reference (-inf
+    where faiss returns none, e.g. for NaN descriptors)."""
+    sims, ids = index.search(np.ascontiguousarray(block), r)
+    dense = np.full((len(block), r), -np.inf, np.float32)
+    valid = ids >= 0
+    rows = np.broadcast_to(np.arange(len(block))[:, None], ids.shape)
+    dense[rows[valid], ids[valid]] = sims[valid]
+    return dense
+
+
+def _similarities_blas(ref_t: np.ndarray, block: np.ndarray) -> np.ndarray:
+    """[n, D] queries -> float32 [n, R] inner products by one matrix product (-inf for NaN)."""
+    sims = np.ascontiguousarray(block) @ ref_t
+    sims[np.isnan(sims)] = -np.inf
+    return sims
+
+
+def rank_all(query_desc: np.ndarray, ref_desc: np.ndarray, batch: int = 256,
+             backend: str = "faiss") -> tuple[np.ndarray, np.ndarray]:
     """Full ranking of all references for each query.
 
     With several descriptors per query (e.g. regions), a reference scores the maximum
@@ -36,12 +67,19 @@ def rank_all(query_desc: np.ndarray, ref_desc: np.ndarray, batch: int = 256) -> 
     Args:
         query_desc: float32 [Q, D] or [Q, G, D] (G descriptors per query), unit norm.
         ref_desc: float32 [R, D], unit norm.
-        batch: queries per faiss search call (bounds memory at batch x G x R).
+        batch: queries per similarity call (bounds memory at batch x G x R).
+        backend: "faiss" (IndexFlatIP, on the GPUs when faiss has any) or "blas" (a numpy
+            matrix product, the reference implementation).
 
     Returns:
         (order int32 [Q, R] reference indices best first, scores float32 [Q, R] in that
         order). Each row of `order` is a permutation of range(R); ties keep index order.
+
+    Raises:
+        ValueError: unknown backend.
     """
+    if backend not in ("faiss", "blas"):
+        raise ValueError(f"unknown ranking backend {backend!r}; choose faiss or blas")
     query_desc = np.asarray(query_desc, np.float32)
     if query_desc.ndim == 2:
         query_desc = query_desc[:, None]
@@ -51,17 +89,17 @@ def rank_all(query_desc: np.ndarray, ref_desc: np.ndarray, batch: int = 256) -> 
     scores = np.empty((q, r), np.float32)
     if r == 0 or q == 0:
         return order, scores
-    index = make_index(ref_desc.shape[1])
-    index.add(np.ascontiguousarray(ref_desc, np.float32))
-    for start in tqdm(range(0, q, batch), desc="faiss search", unit="batch", leave=False, disable=None):
+    ref_desc = np.ascontiguousarray(ref_desc, np.float32)
+    if backend == "faiss":
+        index = make_index(ref_desc.shape[1])
+        index.add(ref_desc)
+        similarities = functools.partial(_similarities_faiss, index, r=r)
+    else:
+        similarities = functools.partial(_similarities_blas, np.ascontiguousarray(ref_desc.T))
+    for start in tqdm(range(0, q, batch), desc="global ranking", unit="batch", leave=False, disable=None):
         block = query_desc[start:start + batch]
         b = len(block)
-        sims, ids = index.search(np.ascontiguousarray(block.reshape(b * g, -1)), r)
-        dense = np.full((b * g, r), -np.inf, np.float32)
-        valid = ids >= 0  # NaN descriptors make faiss return -1
-        rows = np.broadcast_to(np.arange(b * g)[:, None], ids.shape)
-        dense[rows[valid], ids[valid]] = sims[valid]
-        best = dense.reshape(b, g, r).max(axis=1)
+        best = similarities(block.reshape(b * g, -1)).reshape(b, g, r).max(axis=1)
         block_order = np.argsort(-best, axis=1, kind="stable")
         order[start:start + b] = block_order
         scores[start:start + b] = np.take_along_axis(best, block_order, axis=1)

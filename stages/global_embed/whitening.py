@@ -5,6 +5,10 @@ used after GeM in cirtorch (``utils/whiten.py pcawhitenlearn``): centre, rotate 
 principal axes and scale each by 1 / sqrt(eigenvalue), keep the top `dim` axes, L2-normalise.
 """
 
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 
 from .pooling import l2_normalize
@@ -95,3 +99,39 @@ def learn_pair_whitening(x: np.ndarray, labels, dim: int | None = None, reg: flo
     eigvec = eigvec[:, np.argsort(eigval)[::-1]]
     projection = (eigvec.T @ p)[: dim or x.shape[1]]
     return {"mean": mean.astype(np.float32), "projection": projection.astype(np.float32)}
+
+
+def learn_cached(folder: Path | None, learn: Callable[..., dict], x: np.ndarray, *args, **kwargs) -> dict:
+    """`learn(x, *args, **kwargs)`, memoised on disk.
+
+    Learning the whitening is an eigendecomposition of a D x D matrix (1280 x 1280 for
+    EfficientNet-Lite0): 0.5 s on one core, but 12 s when OpenBLAS runs it on two threads of
+    a busy machine, on every run. The result is a deterministic function of its inputs, so
+    it is saved as ``whitening-<learn name>-<digest>.npz`` in `folder` (the global feature
+    store, whose descriptors it was learned from), the digest covering the descriptors'
+    bytes and every other argument; any change of them learns again.
+
+    Args:
+        folder: where the file lives; None learns without caching.
+        learn: `learn_pair_whitening` or `learn_pca_whitening`.
+        x: float [N, D] descriptors, the first argument of `learn`.
+
+    Returns:
+        The whitening dict `learn` returns ({"mean", "projection"}).
+    """
+    if folder is None:
+        return learn(x, *args, **kwargs)
+    from pipeline.cache import atomic_save_npz, load_npz
+
+    x = np.ascontiguousarray(x)
+    digest = hashlib.sha1(x.tobytes())
+    digest.update(repr((x.dtype.str, x.shape, [np.asarray(a).tolist() for a in args], sorted(kwargs.items()))).encode())
+    path = Path(folder) / f"whitening-{learn.__name__}-{digest.hexdigest()[:16]}.npz"
+    if path.exists():
+        try:
+            return load_npz(path)
+        except ValueError:
+            path.unlink(missing_ok=True)  # a corrupt file: learn again
+    whitening = learn(x, *args, **kwargs)
+    atomic_save_npz(path, whitening)
+    return whitening

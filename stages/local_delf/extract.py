@@ -14,6 +14,7 @@ Reads the stage-1 shortlist (``pairs-global-top{k}.txt``), extracts each needed 
 """
 
 import argparse
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -166,14 +167,23 @@ def store_for(conf: dict, cache_root: Path) -> FeatureStore:
     return FeatureStore(cache_root, "local", conf, conf_hash(conf, backend_identity(conf)))
 
 
+def _extracted_rotations(store: FeatureStore, name: str) -> set[int] | None:
+    """The rotations an entry covers, reading only that array (a query entry is ~300 KB);
+    None when the entry has no such array or cannot be read."""
+    try:
+        with np.load(store.path(name), allow_pickle=False) as f:
+            return set(f["extracted_rotations"].tolist()) if "extracted_rotations" in f.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+
+
 def needs_extraction(store: FeatureStore, images: dict[str, Path], rotations, overwrite: bool) -> list[str]:
     """Names whose entry is missing, stale, or lacks one of `rotations`."""
     todo = set(store.missing(images, overwrite))
     if len(rotations) > 1:
         for name in images:
             if name not in todo:
-                entry = store.read_or_none(name)
-                done = set(entry["extracted_rotations"].tolist()) if entry and "extracted_rotations" in entry else None
+                done = _extracted_rotations(store, name)
                 if done is not None and not set(rotations) <= done:
                     todo.add(name)
     return [n for n in images if n in todo]
