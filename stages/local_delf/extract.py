@@ -35,7 +35,9 @@ default_conf = {
     "weights_dir": None,  # delf-lite0: trained model directory with an attention head
     "hub_handle": None,  # delf-hub: module URL or local directory (default tfhub.dev/google/delf/1)
     "resize_max": 1024,  # longest image side in pixels before the pyramid
-    "image_scales": [0.25, 0.3536, 0.5, 0.7071, 1.0],
+    # DELF's pyramid less its top level: on smvs_dvd scale 1.0 doubled extraction time
+    # (0.50 -> 0.24 s per reference) for the same reranked mAP (1.0).
+    "image_scales": [0.25, 0.3536, 0.5, 0.7071],
     "max_feature_num": 1000,
     "score_threshold": 100.0,  # delf-hub only: DELF's attention threshold
     "min_side": 16,  # pyramid levels smaller than this (pixels) are skipped
