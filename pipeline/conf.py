@@ -1,8 +1,10 @@
 """Named configurations: presets merged onto defaults, and a stable hash for cache keys."""
 
+import argparse
 import copy
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 
@@ -56,3 +58,21 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not 0 <= i < n:
         raise ValueError(f"shard I/N needs 0 <= I < N; got {text!r}")
     return i, n
+
+
+def stage_parser(doc: str, confs: dict, default: str) -> argparse.ArgumentParser:
+    """The command-line parser every stage module shares (hloc style): a named conf, the
+    cache folder, --overwrite and --shard; the stage adds its own inputs.
+
+    Args:
+        doc: the stage module's docstring; its first line is the description.
+        confs: the stage's named confs.
+        default: the conf name used without --conf.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=Path("cache"), help="cache folder")
+    parser.add_argument("--conf", default=default, choices=sorted(confs), help="named conf")
+    parser.add_argument("--overwrite", action="store_true", help="recompute cached entries")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1),
+                        help="I/N: compute only every N-th item from item I, so N processes share the work")
+    return parser

@@ -6,14 +6,13 @@ Output: a feature store (see `pipeline.cache`) whose entry per image name holds
 (width, height) in pixels.
 """
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import logger, setup_logging
 from pipeline.cache import FeatureStore
-from pipeline.conf import conf_hash, parse_shard, resolve
+from pipeline.conf import conf_hash, resolve, stage_parser
 from pipeline.extraction import extract_to_store
 from pipeline.images import resize_by, resize_max_side
 
@@ -127,13 +126,8 @@ def main(conf: dict, images: dict[str, Path], cache_root: Path, overwrite: bool 
 
 
 def cli():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser(__doc__, confs, "lite0-gem")
     parser.add_argument("--images", type=Path, required=True, help="folder of images to describe")
-    parser.add_argument("--cache", type=Path, default=Path("cache"), help="cache folder")
-    parser.add_argument("--conf", default="lite0-gem", choices=sorted(confs), help="named conf")
-    parser.add_argument("--overwrite", action="store_true", help="recompute cached images")
-    parser.add_argument("--shard", type=parse_shard, default=(0, 1),
-                        help="I/N: compute only every N-th item from item I, so N processes share the work")
     args = parser.parse_args()
     setup_logging()
     from pipeline.dataset import list_images

@@ -13,7 +13,6 @@ Reads the stage-1 shortlist (``pairs-global-top{k}.txt``), extracts each needed 
 - ``extracted_rotations`` int16 [G]: the rotations this entry covers
 """
 
-import argparse
 import zipfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from pipeline import logger, setup_logging
 from pipeline.cache import FeatureStore, atomic_save_npz, exclusive_lock, load_npz
-from pipeline.conf import conf_hash, parse_shard, resolve
+from pipeline.conf import conf_hash, resolve, stage_parser
 from pipeline.extraction import extract_to_store
 from pipeline.images import ImageReadError, read_image
 from stages.global_embed.search import read_pairs
@@ -247,14 +246,9 @@ def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path
 
 
 def cli():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser(__doc__, confs, "delf-lite0")
     parser.add_argument("--pairs", type=Path, required=True, help="shortlist file from stage 1")
     parser.add_argument("--data", type=Path, required=True, help="data folder (hackathon layout)")
-    parser.add_argument("--cache", type=Path, default=Path("cache"), help="cache folder")
-    parser.add_argument("--conf", default="delf-lite0", choices=sorted(confs), help="named conf")
-    parser.add_argument("--overwrite", action="store_true", help="recompute cached features")
-    parser.add_argument("--shard", type=parse_shard, default=(0, 1),
-                        help="I/N: compute only every N-th item from item I, so N processes share the work")
     args = parser.parse_args()
     setup_logging()
     from pipeline.dataset import load_dataset

@@ -12,7 +12,6 @@ the merge conf (rule, min_inliers, weight) and the shortlist length can change w
 rerun computes only the pairs that are missing or whose local features changed.
 """
 
-import argparse
 import functools
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline import logger, setup_logging
 from pipeline.cache import FeatureStore, source_stamp
-from pipeline.conf import conf_hash, parse_shard, resolve
+from pipeline.conf import conf_hash, resolve, stage_parser
 
 from . import matching, ransac
 
@@ -291,14 +290,9 @@ def main(conf: dict, pairs_path: Path, local_store_dir: Path, cache_root: Path, 
 
 
 def cli():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser(__doc__, confs, "mnn-affine-opencv")
     parser.add_argument("--pairs", type=Path, required=True, help="shortlist file (query<TAB>reference lines)")
     parser.add_argument("--features", type=Path, required=True, help="local-feature store folder")
-    parser.add_argument("--cache", type=Path, default=Path("cache"), help="cache folder")
-    parser.add_argument("--conf", default="mnn-affine-opencv", choices=sorted(confs), help="named conf")
-    parser.add_argument("--overwrite", action="store_true", help="recompute cached pairs")
-    parser.add_argument("--shard", type=parse_shard, default=(0, 1),
-                        help="I/N: compute only every N-th item from item I, so N processes share the work")
     parser.add_argument("--workers", type=int, default=2, help="parallel joblib workers")
     parser.add_argument("--backend", default="loky", choices=["loky", "threading"], help="joblib backend")
     args = parser.parse_args()
