@@ -45,7 +45,8 @@ def ensure_local_features(dataset, cache: Path, work: Path) -> None:
     pairs = work / "pairs-all.txt"
     refs = sorted(dataset.references)
     pairs.write_text("".join(f"{q}\t{r}\n" for q in sorted(dataset.queries) for r in refs))
-    local_extract.main(dict(local_extract.default_conf, name="delf-lite0"), pairs, dataset.images, cache)
+    local_extract.main(dict(local_extract.default_conf, name="delf-lite0"), pairs, dataset.images, cache,
+                       references=refs)
 
 
 def count_pairs(out: Path) -> int:

@@ -148,7 +148,8 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, pairs_
     inliers: dict[str, dict[str, int]] = {}
     window, start_rank, depth = pairs_path, 0, rc.top_k
     row = {q: i for i, q in enumerate(query_names)}
-    n_readable = len([r for r in ref_names if r not in unreadable])
+    readable_refs = [r for r in ref_names if r not in unreadable]
+    n_readable = len(readable_refs)
     while True:
         start = time.perf_counter()
         inlier_dir = rerank_verify.main(rc.rerank_conf, window, local_dir, rc.cache, rc.overwrite, rc.workers)
@@ -159,6 +160,9 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, pairs_
                       if max(inliers.get(q, {}).values(), default=0) < rc.expand_below]
         start_rank += rc.top_k
         if not unverified or start_rank >= min(rc.expand_to, n_readable):
+            if unverified:
+                logger.info("%d queries without a verified match down to rank %d keep their global order",
+                            len(unverified), depth)
             return inliers, depth
         end_rank = min(start_rank + rc.top_k, rc.expand_to, len(ref_names))
         logger.info("%d queries without a verified match in the top %d: verifying ranks %d-%d",
@@ -169,7 +173,8 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, pairs_
                                            if ref_names[j] not in unreadable])
         depth = end_rank
         start = time.perf_counter()
-        local_extract.main(rc.local_conf, window, dataset.images, rc.cache, rc.overwrite, backend=backend)
+        local_extract.main(rc.local_conf, window, dataset.images, rc.cache, rc.overwrite, backend=backend,
+                           references=readable_refs)
         timings["local"] = timings.get("local", 0.0) + time.perf_counter() - start
 
 
@@ -246,7 +251,7 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
         start = time.perf_counter()
         try:
             local_dir = local_extract.main(rc.local_conf, pairs_path, dataset.images, rc.cache, rc.overwrite,
-                                           backend=backend)
+                                           backend=backend, references=[r for r in ref_names if r not in unreadable])
         except local_extract.PCAUnavailableError as e:
             logger.warning("%s: reranking skipped, the global ranking is final", e)
             stages = ("global",)

@@ -47,6 +47,7 @@ batches as an uninterrupted one.
 
 import argparse
 import math
+import os
 import shutil
 import sys
 import time
@@ -739,7 +740,8 @@ def train(conf: dict, data_root: Path, out_dir: Path, cache_dir: Path, overwrite
         state["epoch"] = epoch
         md.write_train_log(out_dir, state["history"])
         md.save_checkpoint(out_dir, _checkpoint_arrays(net, opt_backbone, opt_head), state)
-        logger.info("epoch %d: %s%s", epoch, _fmt(record), " (best so far, saved)" if improved else "")
+        logger.info("epoch %d: %s%s", epoch, _fmt({k: v for k, v in record.items() if k != "epoch"}),
+                    " (best so far, saved)" if improved else "")
         if dev is not None and state["bad_epochs"] >= conf["patience"]:
             logger.info("early stop: no dev mAP gain for %d epochs", state["bad_epochs"])
             break
@@ -876,5 +878,7 @@ def main(argv=None) -> int:
     config = md.read_config(out) if (out / md.CONFIG).exists() else {}
     print(f"\nmodel directory {out} ({time.perf_counter() - start:.0f} s); best: {config.get('best')}; "
           f"untrained pipeline on dev: {config.get('baseline_dev')}")
-    print(f"use it with: python run_pipeline.py --data DATA --model {out}")
+    python = os.path.relpath(sys.executable)
+    print(f"use it with: {sys.executable if python.startswith('..') else python} run_pipeline.py "
+          f"--data {args.data} --model {out}")
     return 0

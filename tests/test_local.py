@@ -142,3 +142,21 @@ def test_needs_extraction_reads_the_covered_rotations(tmp_path):
     assert local_extract.needs_extraction(store, images, [0, 90], False) == ["only0", "absent"]
     assert local_extract.needs_extraction(store, images, [0], False) == ["absent"]
     assert local_extract.needs_extraction(store, images, [0], True) == ["both", "only0", "absent"]
+
+
+def test_each_reference_set_gets_its_own_pca_store(tmp_path):
+    """A PCA learned on one dataset's references is never reused for another's."""
+    images = {}
+    for name, size in (("a1", 3), ("a2", 4), ("b1", 5), ("b2", 6)):
+        images[name] = tmp_path / f"{name}.jpg"
+        images[name].write_bytes(b"x" * size)
+    lite0_conf = conf(pca_max_images=60)
+    first = local_extract.store_for(lite0_conf, tmp_path, ["a1", "a2"], images)
+    assert local_extract.store_for(lite0_conf, tmp_path, ["a2", "a1"], images).dir == first.dir
+    assert local_extract.store_for(lite0_conf, tmp_path, ["b1", "b2"], images).dir != first.dir
+    images["a2"].write_bytes(b"y" * 9)  # same name, other file
+    assert local_extract.store_for(lite0_conf, tmp_path, ["a1", "a2"], images).dir != first.dir
+    # SIFT learns no PCA: its features are shared across datasets.
+    sift = conf("sift")
+    assert (local_extract.store_for(sift, tmp_path, ["a1"], images).dir
+            == local_extract.store_for(sift, tmp_path, ["b1", "b2"], images).dir)

@@ -99,9 +99,17 @@ class PCAUnavailableError(RuntimeError):
 
 
 def _pca_sample(refs: list[str], n: int) -> list[str]:
+    refs = sorted(refs)
     if len(refs) <= n:
-        return list(refs)
+        return refs
     return [refs[i] for i in np.linspace(0, len(refs) - 1, n).round().astype(int)]
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 def ensure_pca(store: FeatureStore, get_backend, conf: dict, refs: list[str], images: dict[str, Path],
@@ -110,8 +118,9 @@ def ensure_pca(store: FeatureStore, get_backend, conf: dict, refs: list[str], im
     returns) of up to `pca_max_images` references, evenly spaced by name, and caches it as
     ``pca.npz`` beside the features.
 
-    The PCA belongs to the store: every feature in it is projected by the same matrix, so
-    images cached from another dataset stay comparable. A file lock (released by the
+    The PCA belongs to the store: every feature in it is projected by the same matrix, and
+    the sampled references (names and file sizes) are part of the store's key
+    (`store_for`), so a dataset never reuses a PCA learned on another one. A file lock (released by the
     system even when its holder is killed) makes concurrent runs learn it once. The
     sampled references' features are written to the store on the way, exactly as a later
     extraction would write them. A damaged ``pca.npz`` is not trusted: the store's
@@ -164,8 +173,14 @@ def _learn_pca(store, backend, conf, refs, images, path) -> set[str]:
     return set(raw)
 
 
-def store_for(conf: dict, cache_root: Path) -> FeatureStore:
-    return FeatureStore(cache_root, "local", conf, conf_hash(conf, backend_identity(conf)))
+def store_for(conf: dict, cache_root: Path, pca_refs=(), images: dict[str, Path] | None = None) -> FeatureStore:
+    """The feature store of `conf`. For a backend whose descriptors are projected by a
+    learned PCA, the key also names the references the PCA is learned on (`pca_refs`,
+    sampled as `ensure_pca` samples them, with their file sizes from `images`)."""
+    parts = [conf, backend_identity(conf)]
+    if BACKENDS[conf["backend"]].needs_pca:
+        parts.append([(n, _file_size(images[n])) for n in _pca_sample(pca_refs, conf["pca_max_images"])])
+    return FeatureStore(cache_root, "local", conf, conf_hash(*parts))
 
 
 def _extracted_rotations(store: FeatureStore, name: str) -> set[int] | None:
@@ -204,7 +219,7 @@ class LazyBackend:
 
 
 def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path, overwrite: bool = False,
-         shard: tuple[int, int] = (0, 1), backend: LazyBackend | None = None) -> Path:
+         shard: tuple[int, int] = (0, 1), backend: LazyBackend | None = None, references=None) -> Path:
     """Extracts local features of the queries and shortlisted references in `pairs_path`.
 
     Args:
@@ -215,6 +230,8 @@ def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path
         overwrite: recompute cached entries (and the PCA).
         shard: (i, n) computes only every n-th image starting at i.
         backend: a `LazyBackend` of `conf` to share between calls (one is made otherwise).
+        references: every reference name of the dataset: the local-descriptor PCA is
+            learned on an evenly spaced sample of them (default: the shortlisted ones).
 
     Returns:
         The feature store folder.
@@ -223,11 +240,12 @@ def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path
     pairs = read_pairs(pairs_path)
     queries = sorted(pairs)
     refs = sorted({r for rs in pairs.values() for r in rs})
-    store = store_for(conf, cache_root)
+    pca_refs = refs if references is None else sorted(references)
+    store = store_for(conf, cache_root, pca_refs, images)
     get_backend = backend or LazyBackend(conf, cache_root)
     pca, fresh = None, set()
     if BACKENDS[conf["backend"]].needs_pca:
-        pca, fresh = ensure_pca(store, get_backend, conf, refs, images, overwrite)
+        pca, fresh = ensure_pca(store, get_backend, conf, pca_refs, images, overwrite)
     jobs = [("queries", queries, conf["query_rotations"]), ("references", refs, [0])]
     for label, names, rotations in jobs:
         names = names[shard[0]::shard[1]]
@@ -240,8 +258,9 @@ def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path
                                  lambda rgb, r=rotations, b=backend_now: describe(b, rgb, r, pca),
                                  desc=f"local features ({label})", workers=backend_now.image_workers)
         n_kp = [len(store.read(n)["keypoints_xy"]) for n in todo if n not in stats["failed"]]
-        logger.info("local features (%s): %.1f keypoints per image (%d rotations)",
-                    label, float(np.mean(n_kp)) if n_kp else 0.0, len(rotations))
+        logger.info("local features (%s): %.1f keypoints per image (%s)", label,
+                    float(np.mean(n_kp)) if n_kp else 0.0,
+                    f"{len(rotations)} rotations" if len(rotations) > 1 else "no rotation")
     return store.dir
 
 
@@ -254,7 +273,9 @@ def cli():
     from pipeline.dataset import load_dataset
 
     conf = resolve(default_conf, confs, args.conf)
-    print(main(conf, args.pairs, load_dataset(args.data).images, args.cache, args.overwrite, args.shard))
+    dataset = load_dataset(args.data)
+    print(main(conf, args.pairs, dataset.images, args.cache, args.overwrite, args.shard,
+               references=list(dataset.references)))
 
 
 if __name__ == "__main__":
