@@ -177,13 +177,13 @@ def command_line() -> str:
 
 
 def save_results(path: Path | None, section: str, values: dict) -> None:
-    """Merges {section: values} into the JSON file at `path` (numbers for the projection)."""
+    """Stores {section: values} in the JSON file at `path` (numbers for the projection),
+    replacing what an earlier run stored for that section and keeping the other sections."""
     if path is None:
         return
     path = Path(path)
     data = json.loads(path.read_text()) if path.exists() else {}
-    data[section] = {**data.get(section, {}), **values,
-                     "measured": time.strftime("%Y-%m-%d %H:%M"), "load_average": load_average()}
+    data[section] = {**values, "measured": time.strftime("%Y-%m-%d %H:%M"), "load_average": load_average()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, default=float))
 
