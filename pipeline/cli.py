@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="run_pipeline.py",
         description="Product image retrieval: for every query image, rank every reference image "
                     "(stage 1: global CNN descriptor + faiss; stage 2: DELF local features of the "
-                    "top-k; stage 3: RANSAC verification reranks the top-k). Writes rankings.json, "
-                    "nsml_results.json and, with ground truth, metrics.json. "
+                    "top-k; stage 3: RANSAC verification reranks the top-k, and deeper windows of the ranking "
+                    "for queries the top-k left without a well-verified match). Writes rankings.json, "
+                    "nsml_results.json, skipped.json, config.json and, with ground truth, metrics.json. "
                     "`run_pipeline.py train --help` describes training on the class folders.",
         formatter_class=_HelpFormatter)
     parser.add_argument("--data", type=Path, default=None,
@@ -87,16 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="matcher, RANSAC backend and model: mnn = mutual nearest neighbours, delf = DELF's "
                         "0.8 distance rule, ratio = Lowe's ratio test; opencv (fast) or skimage (reference)")
     g.add_argument("--min-inliers", type=int, default=None,
-                   help="inliers for a shortlisted reference to count as verified (default: 15)")
+                   help="inliers for a shortlisted reference to count as verified: verified references go "
+                        "first, by inlier count (DELG's rule; default: 15)")
     g.add_argument("--merge", default=None, choices=["delg", "weighted"],
                    help="delg: verified references first by inlier count, then global order (default); "
                         "weighted: global score + w * min(inliers, 70) / 70")
     g.add_argument("--expand-to", type=int, default=300,
-                   help="queries with no verified reference in the top-k get the next top-k references "
-                        "verified too, window by window, down to this rank (set it to --top-k to turn it off)")
+                   help="queries whose best top-k reference has fewer than --expand-below inliers get the next "
+                        "top-k references verified too, window by window, down to this rank (set it to --top-k "
+                        "to turn it off)")
     g.add_argument("--expand-below", type=int, default=30,
-                   help="a query counts as unverified for --expand-to while its best shortlisted reference has "
-                        "fewer inliers than this (unrelated pairs reach about 25 on smvs_dvd, true ones mostly 40+)")
+                   help="a query gets a deeper window (--expand-to) while its best shortlisted reference has "
+                        "fewer inliers than this: stricter than --min-inliers, because on smvs_dvd unrelated "
+                        "pairs reach up to about 25 inliers and true ones mostly 40+")
     g.add_argument("--workers", type=int, default=2, help="parallel processes for verification")
     return parser
 

@@ -161,12 +161,13 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, pairs_
         start_rank += rc.top_k
         if not unverified or start_rank >= min(rc.expand_to, n_readable):
             if unverified:
-                logger.info("%d queries without a verified match down to rank %d keep their global order",
-                            len(unverified), depth)
+                logger.info("%d queries still have no reference with %d+ inliers down to rank %d (their "
+                            "references with %d+ inliers still go first)", len(unverified), rc.expand_below,
+                            depth, rc.rerank_conf["merge"]["min_inliers"])
             return inliers, depth
         end_rank = min(start_rank + rc.top_k, rc.expand_to, len(ref_names))
-        logger.info("%d queries without a verified match in the top %d: verifying ranks %d-%d",
-                    len(unverified), start_rank, start_rank + 1, end_rank)
+        logger.info("%d queries have no reference with %d+ inliers in the top %d: verifying ranks %d-%d",
+                    len(unverified), rc.expand_below, start_rank, start_rank + 1, end_rank)
         window = out_dir / f"pairs-global-top{rc.top_k}-window{start_rank}.txt"
         global_search.write_pairs(window, [(q, ref_names[j]) for q in unverified
                                            for j in order[row[q], start_rank:end_rank]
@@ -234,7 +235,11 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
         np.stack([features[n]["descriptor"] for n in ref_names if n in features] or [np.zeros(1)]),
         np.stack([features[k]["descriptor"] for k in ok_train]) if ok_train else None,
         [labels[k] for k in ok_train], store_dir / "whitening")
-    logger.info("global whitening: %s", applied)
+    note = ""
+    if applied == "none" and rc.whitening == "auto":
+        note = (" (a trained model's projection head replaces it)" if whitening_mode == "none"
+                else " (no training class with 2+ images to learn it from)")
+    logger.info("global whitening: %s%s", applied, note)
     order, scores = rank_globally(query_names, ref_names, features, whitening, rc.query_regions)
     ranking_path, pairs_path = global_search.write_ranking(
         out_dir, query_names, ref_names, order, scores, rc.top_k, unreadable)

@@ -246,6 +246,8 @@ def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path
     pca, fresh = None, set()
     if BACKENDS[conf["backend"]].needs_pca:
         pca, fresh = ensure_pca(store, get_backend, conf, pca_refs, images, overwrite)
+        if fresh:
+            logger.info("local features: %d references described while learning the PCA", len(fresh))
     jobs = [("queries", queries, conf["query_rotations"]), ("references", refs, [0])]
     for label, names, rotations in jobs:
         names = names[shard[0]::shard[1]]
