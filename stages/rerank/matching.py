@@ -50,6 +50,13 @@ def _is_empty(desc_q: np.ndarray, desc_r: np.ndarray) -> bool:
     return len(desc_q) == 0 or len(desc_r) == 0
 
 
+def _nearest(desc_q: np.ndarray, desc_r: np.ndarray):
+    """(S [Nq, Nr], each query row's nearest reference row [Nq], its similarity [Nq])."""
+    sim = similarity(desc_q, desc_r)
+    nn = sim.argmax(axis=1)
+    return sim, nn, sim[np.arange(len(sim)), nn]
+
+
 def mutual_nn(desc_q: np.ndarray, desc_r: np.ndarray) -> np.ndarray:
     """Mutual nearest neighbours: query row i and reference row j match when j is the
     nearest reference of i and i the nearest query of j.
@@ -71,9 +78,7 @@ def mutual_nn(desc_q: np.ndarray, desc_r: np.ndarray) -> np.ndarray:
     """
     if _is_empty(desc_q, desc_r):
         return _empty()
-    sim = similarity(desc_q, desc_r)
-    nn = sim.argmax(axis=1)
-    best = sim[np.arange(len(sim)), nn]
+    sim, nn, best = _nearest(desc_q, desc_r)
     rows = np.flatnonzero(best >= sim.max(axis=0)[nn])
     cols = nn[rows]
     _, first = np.unique(cols, return_index=True)  # rows ascending: first = smallest row
@@ -102,9 +107,7 @@ def distance_matches(desc_q: np.ndarray, desc_r: np.ndarray, threshold: float = 
     """
     if _is_empty(desc_q, desc_r):
         return _empty()
-    sim = similarity(desc_q, desc_r)
-    nn = sim.argmax(axis=1)
-    best = sim[np.arange(len(sim)), nn]
+    _, nn, best = _nearest(desc_q, desc_r)
     # distance < t  <=>  2 - 2 s < t^2  for unit vectors
     rows = np.flatnonzero(best > 1.0 - 0.5 * threshold * threshold)
     return _pairs(rows, nn[rows])
@@ -131,11 +134,8 @@ def ratio_matches(desc_q: np.ndarray, desc_r: np.ndarray, ratio: float = 0.8) ->
     """
     if _is_empty(desc_q, desc_r):
         return _empty()
-    sim = similarity(desc_q, desc_r)
-    idx = np.arange(len(sim))
-    nn = sim.argmax(axis=1)
-    s1 = sim[idx, nn].copy()
-    sim[idx, nn] = -np.inf
+    sim, nn, s1 = _nearest(desc_q, desc_r)  # s1: a copy (fancy indexing)
+    sim[np.arange(len(sim)), nn] = -np.inf
     s2 = sim.max(axis=1)
     d1 = np.sqrt(np.maximum(2.0 - 2.0 * s1, 0.0))
     d2 = np.sqrt(np.maximum(2.0 - 2.0 * s2, 0.0))  # inf when there is no second row
