@@ -148,6 +148,7 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, pairs_
     inliers: dict[str, dict[str, int]] = {}
     window, start_rank, depth = pairs_path, 0, rc.top_k
     row = {q: i for i, q in enumerate(query_names)}
+    shortlisted = list(global_search.read_pairs(pairs_path))
     readable_refs = [r for r in ref_names if r not in unreadable]
     n_readable = len(readable_refs)
     while True:
@@ -156,8 +157,7 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, pairs_
         for query, counts in rerank_merge.load_inliers(inlier_dir, window).items():
             inliers.setdefault(query, {}).update(counts)
         timings["rerank"] = timings.get("rerank", 0.0) + time.perf_counter() - start
-        unverified = [q for q in global_search.read_pairs(pairs_path)
-                      if max(inliers.get(q, {}).values(), default=0) < rc.expand_below]
+        unverified = [q for q in shortlisted if max(inliers.get(q, {}).values(), default=0) < rc.expand_below]
         start_rank += rc.top_k
         if not unverified or start_rank >= min(rc.expand_to, n_readable):
             if unverified:

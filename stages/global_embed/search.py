@@ -33,8 +33,9 @@ def make_index(dim: int):
     import faiss
 
     index = faiss.IndexFlatIP(dim)
-    if faiss_gpus() > 0:
-        logger.info("faiss: using %d GPU(s)", faiss.get_num_gpus())
+    gpus = faiss_gpus()
+    if gpus > 0:
+        logger.info("faiss: using %d GPU(s)", gpus)
         index = faiss.index_cpu_to_all_gpus(index)
     return index
 

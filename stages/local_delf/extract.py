@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import logger, setup_logging
-from pipeline.cache import FeatureStore, atomic_save_npz, exclusive_lock, load_npz
+from pipeline.cache import FeatureStore, atomic_save_npz, exclusive_lock, load_npz, source_stamp
 from pipeline.conf import conf_hash, resolve, stage_parser
 from pipeline.extraction import extract_to_store
 from pipeline.images import ImageReadError, read_image
@@ -105,13 +105,6 @@ def _pca_sample(refs: list[str], n: int) -> list[str]:
     return [refs[i] for i in np.linspace(0, len(refs) - 1, n).round().astype(int)]
 
 
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return -1
-
-
 def ensure_pca(store: FeatureStore, get_backend, conf: dict, refs: list[str], images: dict[str, Path],
                overwrite: bool = False) -> tuple[dict, set[str]]:
     """Loads the store's PCA, or learns it on raw features (from the backend `get_backend()`
@@ -119,9 +112,10 @@ def ensure_pca(store: FeatureStore, get_backend, conf: dict, refs: list[str], im
     ``pca.npz`` beside the features.
 
     The PCA belongs to the store: every feature in it is projected by the same matrix, and
-    the sampled references (names and file sizes) are part of the store's key
-    (`store_for`), so a dataset never reuses a PCA learned on another one. A file lock (released by the
-    system even when its holder is killed) makes concurrent runs learn it once. The
+    the sampled references (names and file stamps) are part of the store's key
+    (`store_for`), so a dataset never reuses a PCA learned on another one. A file lock
+    (released by the system even when its holder is killed) makes concurrent runs learn it
+    once. The
     sampled references' features are written to the store on the way, exactly as a later
     extraction would write them. A damaged ``pca.npz`` is not trusted: the store's
     entries, projected by it, are deleted and the PCA learned again.
@@ -176,10 +170,10 @@ def _learn_pca(store, backend, conf, refs, images, path) -> set[str]:
 def store_for(conf: dict, cache_root: Path, pca_refs=(), images: dict[str, Path] | None = None) -> FeatureStore:
     """The feature store of `conf`. For a backend whose descriptors are projected by a
     learned PCA, the key also names the references the PCA is learned on (`pca_refs`,
-    sampled as `ensure_pca` samples them, with their file sizes from `images`)."""
+    sampled as `ensure_pca` samples them, with the size and mtime of their files in `images`)."""
     parts = [conf, backend_identity(conf)]
     if BACKENDS[conf["backend"]].needs_pca:
-        parts.append([(n, _file_size(images[n])) for n in _pca_sample(pca_refs, conf["pca_max_images"])])
+        parts.append([(n, source_stamp(images[n])) for n in _pca_sample(pca_refs, conf["pca_max_images"])])
     return FeatureStore(cache_root, "local", conf, conf_hash(*parts))
 
 
