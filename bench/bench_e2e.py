@@ -54,7 +54,7 @@ def _kind(name: str, queries: set, refs: set) -> str:
 
 def cache_bytes(cache: Path, queries: set, refs: set) -> tuple[str, dict]:
     """Bytes per image per stage from the store folders under `cache`."""
-    from pipeline.cache import decode_name
+    from stages.common.cache import decode_name
 
     rows, numbers = [], {}
     for stage in ("global", "local", "rerank"):
@@ -100,7 +100,7 @@ def main():
     parser.add_argument("--extra", default="", help="more run_pipeline.py flags, space separated")
     parser.add_argument("--json", type=Path, help="merge the measured numbers into this JSON file")
     args = parser.parse_args()
-    from pipeline.dataset import load_dataset
+    from stages.common.dataset import load_dataset
 
     cache = args.cache or args.workdir / "cache"
     extra = args.extra.split()

@@ -70,8 +70,8 @@ def bench_global(images: dict[str, np.ndarray], cache: Path, resize_max: list[in
 
 
 def bench_local(queries: dict, refs: dict, cache: Path, backends: list[str], pca_path: Path | None) -> tuple[str, dict]:
-    from pipeline.cache import load_npz
-    from pipeline.conf import resolve
+    from stages.common.cache import load_npz
+    from stages.common.conf import resolve
     from stages.local_delf import extract as loc
     from stages.local_delf.backends import load_backend
 
@@ -135,8 +135,8 @@ def main():
     parser.add_argument("--skip-local", action="store_true")
     parser.add_argument("--json", type=Path, help="merge the measured numbers into this JSON file")
     args = parser.parse_args()
-    from pipeline.dataset import load_dataset
-    from pipeline.images import read_image
+    from stages.common.dataset import load_dataset
+    from stages.common.images import read_image
 
     dataset = load_dataset(args.data)
     q_names = pick(sorted(dataset.queries), args.images)

@@ -37,8 +37,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import fmt, header, save_results  # noqa: E402
-from pipeline.cache import FeatureStore  # noqa: E402
-from pipeline.conf import resolve  # noqa: E402
+from stages.common.cache import FeatureStore  # noqa: E402
+from stages.common.conf import resolve  # noqa: E402
 from stages.rerank import matching, ransac, synthetic, verify  # noqa: E402
 
 
@@ -111,7 +111,7 @@ def store_features(features_dir: Path, pairs_path: Path, max_pairs: int,
                    ground_truth: Path | None = None) -> tuple[dict, list[tuple[str, str, bool | None]]]:
     """Reads `max_pairs` pairs of a shortlist, evenly spaced over it (so over its queries),
     and their images' local features; with a ground-truth csv, marks the true pairs."""
-    from stages.global_embed.search import read_pairs
+    from stages.common.shortlist import read_pairs
 
     store = FeatureStore.open(features_dir)
     every = [(q, r) for q, refs in read_pairs(pairs_path).items() for r in refs]

@@ -6,7 +6,7 @@ Usage:
     python bench/bench_search.py --cache cache                # smvs_dvd ranking + the scale sweep
     python bench/bench_search.py --sizes 1000,10000 --skip-smvs  # a quick scale check
 
-smvs_dvd part: the pipeline's own ranking (`pipeline.run.rank_globally`: learned whitening,
+smvs_dvd part: the pipeline's own ranking (`stages.global_embed.rank.rank_globally`: learned whitening,
 7 query regions, every reference ranked) by `search.rank_all` with faiss IndexFlatIP and with
 a numpy matrix product + stable argsort, on the same descriptors, timed side by side; orders
 compared. Then the same full ranking at the hackathon's size (36,748 references, synthetic).
@@ -40,17 +40,17 @@ def smvs_descriptors(data: Path, cache: Path, dim: int | None = None):
     """Whitened smvs_dvd descriptors as the pipeline ranks them (learned whitening read from
     its cache): (query region descriptors [Q, G, D], reference descriptors [R, D], all
     whitened whole-image descriptors [N, D], whitening, features, names)."""
-    from pipeline.cache import FeatureStore
-    from pipeline.dataset import load_dataset
-    from pipeline.extraction import load_from_store
-    from pipeline.run import learn_whitening, train_images
+    from stages.common.cache import FeatureStore
+    from stages.common.dataset import load_dataset
+    from stages.common.extraction import load_from_store
+    from stages.common.pca import apply_whitening
     from stages.global_embed import extract as global_extract
-    from stages.global_embed.whitening import apply_whitening
+    from stages.global_embed.rank import learn_whitening
 
     dataset = load_dataset(data)
     conf = dict(global_extract.default_conf, name="lite0-gem")
     store_dir = global_extract.main(conf, dataset.images, cache)  # fully cached: computes nothing
-    train, labels = train_images(dataset)
+    train, labels = dataset.training_images()
     images = {**dataset.images, **train}
     features, _ = load_from_store(FeatureStore.open(store_dir), images)
     ok_train = [k for k in train if k in features]
@@ -61,9 +61,9 @@ def smvs_descriptors(data: Path, cache: Path, dim: int | None = None):
 
 
 def bench_smvs(data: Path, cache: Path, repeats: int) -> tuple[str, dict, np.ndarray]:
-    from pipeline.run import rank_globally
+    from stages.common.pca import apply_whitening
     from stages.global_embed import search
-    from stages.global_embed.whitening import apply_whitening
+    from stages.global_embed.rank import rank_globally
 
     dataset, features, whitening, every = smvs_descriptors(data, cache)
     qn, rn = list(dataset.queries), list(dataset.references)
@@ -100,7 +100,7 @@ def bench_smvs(data: Path, cache: Path, repeats: int) -> tuple[str, dict, np.nda
                "smvs_queries": len(qn)}
     # What a smaller whitened dimension (cheaper search at scale) costs in global mAP.
     from pipeline.evaluate import evaluate
-    from pipeline.outputs import order_to_names
+    from stages.common.shortlist import order_to_names
 
     rows = []
     for dim in (512, 256, 128, 64):

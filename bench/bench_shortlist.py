@@ -50,7 +50,7 @@ def ensure_local_features(dataset, cache: Path, work: Path) -> None:
 
 
 def count_pairs(out: Path) -> int:
-    from stages.global_embed.search import read_pairs
+    from stages.common.shortlist import read_pairs
 
     return sum(len(v) for p in out.glob("pairs-global-top*.txt") for v in read_pairs(p).values())
 
@@ -84,8 +84,8 @@ def main():
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp folder)")
     parser.add_argument("--json", type=Path, help="merge the measured numbers into this JSON file")
     args = parser.parse_args()
-    from pipeline import setup_logging
-    from pipeline.dataset import load_dataset
+    from stages.common import setup_logging
+    from stages.common.dataset import load_dataset
 
     setup_logging()
     dataset = load_dataset(args.data)

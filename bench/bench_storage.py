@@ -9,7 +9,7 @@ RUN_DIR is the output folder of a default smvs_dvd run made with the same featur
 shortlists ``pairs-global-top*.txt`` and ``global_ranking.npz``); the inlier counts of its
 pairs are read from the run's rerank cache (`--cache`, default the features' cache root).
 
-Encodings, each an uncompressed .npz as `pipeline.cache` writes them:
+Encodings, each an uncompressed .npz as `stages.common.cache` writes them:
 - "as stored": float16 descriptors, float32 keypoints, scores and scales, int16 rotations.
 - "int8 descriptors": each unit-norm descriptor component stored as round(127 x) (int8);
   matching sees x / 127 (max error 0.004 per component); the rest as stored.
@@ -78,7 +78,7 @@ def sizes(store, queries: set, refs: set) -> tuple[str, dict]:
 def quantized_store(store, root: Path):
     """A copy of the local store whose descriptors are int8-quantised (kept as float32 x/127,
     which is what matching would compute with)."""
-    from pipeline.cache import FeatureStore
+    from stages.common.cache import FeatureStore
 
     out = FeatureStore(root, "local", {"name": "int8"}, "int8")
     for name in store.names():
@@ -93,10 +93,9 @@ def quantized_store(store, root: Path):
 
 
 def verify_quality(store, run: Path, cache: Path, data: Path, workers: int) -> tuple[str, dict]:
-    from pipeline.dataset import load_dataset
     from pipeline.evaluate import evaluate
-    from pipeline.outputs import order_to_names
-    from stages.global_embed.search import read_pairs, read_ranking
+    from stages.common.dataset import load_dataset
+    from stages.common.shortlist import order_to_names, read_pairs, read_ranking
     from stages.rerank import merge, verify
 
     dataset = load_dataset(data)
@@ -159,8 +158,8 @@ def main():
     parser.add_argument("--workers", type=int, default=2, help="verification workers")
     parser.add_argument("--json", type=Path, help="merge the measured numbers into this JSON file")
     args = parser.parse_args()
-    from pipeline.cache import FeatureStore
-    from pipeline.dataset import load_dataset
+    from stages.common.cache import FeatureStore
+    from stages.common.dataset import load_dataset
 
     store = FeatureStore.open(args.features)
     dataset = load_dataset(args.data)

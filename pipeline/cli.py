@@ -6,14 +6,14 @@ import sys
 import time
 from pathlib import Path
 
+from stages.common import logger, setup_logging
+from stages.common.cache import CacheMismatchError
+from stages.common.conf import resolve
+from stages.common.dataset import LayoutError, load_dataset
 from stages.global_embed import extract as global_extract
 from stages.local_delf import extract as local_extract
 from stages.rerank import verify as rerank_verify
 
-from . import logger, setup_logging
-from .cache import CacheMismatchError
-from .conf import resolve
-from .dataset import LayoutError, load_dataset
 from .demo import build_demo
 from .run import STAGES, RunConfig, run
 

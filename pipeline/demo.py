@@ -12,8 +12,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from . import logger
-from .cache import atomic_write_bytes
+from stages.common import logger
+from stages.common.cache import atomic_write_bytes
 
 DEMO_VERSION = "1"
 COLOUR_PHOTOS = ["astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry",

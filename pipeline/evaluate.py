@@ -12,7 +12,14 @@ are left out of the means):
 - Recall@K: 1 if any relevant reference is in the top K, else 0.
 """
 
+import argparse
+import json
+from pathlib import Path
+
 import numpy as np
+
+from stages.common.dataset import read_ground_truth
+from stages.common.shortlist import order_to_names, read_ranking
 
 
 def average_precision(relevant_ranks, n_relevant: int, k: int | None = None) -> float:
@@ -81,3 +88,34 @@ def evaluate(rankings: dict[str, list[str]], ground_truth: dict[str, set[str]],
 
 def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
+
+
+def load_rankings(path: Path) -> dict[str, list[str]]:
+    """Rankings from ``rankings.json`` ({query: [references]}) or a ranking ``.npz``
+    (``global_ranking.npz``, `stages.common.shortlist.save_ranking`)."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        ranking = read_ranking(path)
+        return order_to_names(ranking["order"], ranking["query_names"].tolist(), ranking["ref_names"].tolist())
+    return json.loads(path.read_text())
+
+
+def cli(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Scores rankings against ground truth: mAP, mAP@k, Recall@K.")
+    parser.add_argument("rankings", type=Path, nargs="+",
+                        help="rankings.json or a ranking .npz (global_ranking.npz) of a run")
+    parser.add_argument("--ground-truth", type=Path, required=True,
+                        help="CSV with columns query,reference, one row per relevant pair "
+                             "(DATA/test/ground_truth.csv)")
+    parser.add_argument("--map-at", type=int, default=1000, help="k of mAP@k")
+    args = parser.parse_args(argv)
+    truth = read_ground_truth(args.ground_truth)
+    for path in args.rankings:
+        metrics = evaluate(load_rankings(path), truth, map_at=args.map_at)
+        print(f"{path}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in metrics.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

@@ -11,8 +11,9 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from .dataset import Dataset
-from .images import is_image_file
+from stages.common.dataset import Dataset
+from stages.common.images import is_image_file
+
 from .outputs import nsml_results
 from .run import RunConfig, run
 
@@ -49,7 +50,7 @@ def infer(queries, db=None, output_dir: Path | None = None) -> list[tuple[int, t
     Returns:
         [(i, (query name, [every reference name, best first])), ...], i = 0..Q-1.
     """
-    from .dataset import load_dataset
+    from stages.common.dataset import load_dataset
 
     if isinstance(queries, (str, Path)) and Path(queries).is_dir():
         dataset = load_dataset(queries)

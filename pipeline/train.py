@@ -1,7 +1,7 @@
 """Training on the class folders: a fine-tuned global descriptor and a DELF attention head.
 
 ``python run_pipeline.py train --data DIR --output MODEL_DIR`` learns, from
-``DIR/train/train_data/<class>/*``, a model directory (`pipeline.model_dir`) that
+``DIR/train/train_data/<class>/*``, a model directory (`stages.common.backbone.model_dir`) that
 ``run_pipeline.py --model MODEL_DIR`` uses in stage 1 (global descriptor) and stage 2
 (DELF keypoint attention).
 
@@ -34,7 +34,7 @@ One network, one loop, three losses on each batch of P classes x K images:
 Validation is honest: `dev_classes` whole classes are held out of training; within each,
 one image (a file named ``reference*`` if any, else the first) is the reference and the
 rest are queries. Every epoch the dev images are described with the pipeline's own
-`stages.global_embed.extract.describe`, ranked by `pipeline.run.rank_globally` and scored by
+`stages.global_embed.extract.describe`, ranked by `stages.global_embed.rank.rank_globally` and scored by
 `pipeline.evaluate.evaluate` (mAP, Recall@K). The best epoch by dev mAP is kept in the
 model directory and training stops after `patience` epochs without improvement.
 
@@ -58,13 +58,12 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from stages.backbone import efficientnet_lite as lite
-
-from . import logger, setup_logging
-from . import model_dir as md
-from .conf import conf_hash, merge, resolve
-from .dataset import load_dataset
-from .images import ImageReadError, read_image, resize_max_side
+from stages.common import logger, setup_logging
+from stages.common.backbone import efficientnet_lite as lite
+from stages.common.backbone import model_dir as md
+from stages.common.conf import conf_hash, merge, resolve
+from stages.common.dataset import load_dataset
+from stages.common.images import ImageReadError, read_image, resize_max_side
 
 REPO = Path(__file__).resolve().parent.parent
 N_BLOCKS = len(lite.block_specs())  # 16 MBConv blocks; the head conv counts as block 16
@@ -534,12 +533,12 @@ def dev_metrics(model, dev: dict, conf: dict) -> dict:
     Returns:
         `pipeline.evaluate.evaluate` output (mAP, mAP@1000, Recall@1/5/10, n_queries).
     """
+    from stages.common.shortlist import order_to_names
     from stages.global_embed.extract import default_conf as global_conf
     from stages.global_embed.extract import describe
+    from stages.global_embed.rank import rank_globally
 
     from .evaluate import evaluate
-    from .outputs import order_to_names
-    from .run import rank_globally
 
     gconf = merge(global_conf, {"resize_max": conf["dev_resize"], "scales": conf["dev_scales"],
                                 "gem_p": conf["gem_p"]})
@@ -600,7 +599,7 @@ def train(conf: dict, data_root: Path, out_dir: Path, cache_dir: Path, overwrite
     Args:
         conf: a resolved training conf (see `default_conf`, `confs`).
         data_root: data folder in the hackathon layout (only train/train_data is read).
-        out_dir: the model directory to write (see `pipeline.model_dir`).
+        out_dir: the model directory to write (see `stages.common.backbone.model_dir`).
         cache_dir: where the ImageNet weights conversion is cached.
         overwrite: discard what `out_dir` holds and start over.
         resume: demand a checkpoint to continue from (without it, a checkpoint of the

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from skimage import data
 
-from stages.backbone import efficientnet_lite as lite
-from stages.backbone.legacy_pth import load_legacy_state_dict
+from stages.common.backbone import efficientnet_lite as lite
+from stages.common.backbone.legacy_pth import load_legacy_state_dict
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lite0_torch_reference.npz"
 CROPS = {"chelsea224": lambda: data.chelsea()[38:262, 113:337],

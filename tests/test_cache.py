@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.cache import CacheMismatchError, FeatureStore, encode_name
+from stages.common.cache import CacheMismatchError, FeatureStore, encode_name
 
 
 def arrays(n):

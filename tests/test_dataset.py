@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.dataset import LayoutError, load_dataset
+from stages.common.dataset import LayoutError, load_dataset
 from tests.conftest import write_image
 
 RGB = np.full((8, 8, 3), 128, np.uint8)

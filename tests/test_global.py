@@ -2,17 +2,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from stages.common.pca import apply_whitening, l2_normalize, learn_pca_whitening
+from stages.common.shortlist import read_pairs
 from stages.global_embed.extract import default_conf, describe, region_slices
 from stages.global_embed.models import FeatureModel, HubFeatureVector, KerasResNet50
-from stages.global_embed.pooling import combine_scales, gem, l2_normalize
-from stages.global_embed.search import rank_all, read_pairs, write_ranking
-from stages.global_embed.whitening import (
-    apply_whitening,
-    learn_cached,
-    learn_pair_whitening,
-    learn_pca_whitening,
-    same_class_pairs,
-)
+from stages.global_embed.pooling import combine_scales, gem
+from stages.global_embed.rank import write_ranking
+from stages.global_embed.search import rank_all
+from stages.global_embed.whitening import learn_cached, learn_pair_whitening, same_class_pairs
 
 
 def test_gem_hand_computed():
@@ -153,8 +150,8 @@ def test_tfhub_feature_vector_from_a_local_module(tmp_path):
 
 
 def test_shards_split_the_work(tmp_path):
-    from pipeline.cache import FeatureStore
-    from pipeline.conf import parse_shard, resolve
+    from stages.common.cache import FeatureStore
+    from stages.common.conf import parse_shard, resolve
     from stages.global_embed.extract import confs, main
     from tests.conftest import write_image
 

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from skimage import data
 
-from pipeline.conf import resolve
+from stages.common.conf import resolve
 from stages.local_delf import extract as local_extract
 from stages.local_delf.backends import DelfHub, DenseLite0, Sift
 from stages.local_delf.geometry import rotate_image, unrotate_points
@@ -129,7 +129,7 @@ def test_delf_hub_backend_with_a_stub_module(tmp_path, weights_cache):
 
 
 def test_needs_extraction_reads_the_covered_rotations(tmp_path):
-    from pipeline.cache import FeatureStore
+    from stages.common.cache import FeatureStore
 
     store = FeatureStore(tmp_path, "local", {"name": "t"}, "k")
     images = {}

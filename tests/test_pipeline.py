@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline import nsml
-from pipeline.dataset import load_dataset
 from pipeline.run import RunConfig, run
+from stages.common.dataset import load_dataset
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,8 @@ def test_all_stages_on_the_demo(full_run):
 def test_unverified_queries_are_verified_deeper(full_run):
     """Queries whose best top-4 reference has < expand_below inliers get ranks 5-8 verified,
     and the others do not."""
-    from pipeline.cache import FeatureStore
-    from stages.global_embed.search import read_pairs
+    from stages.common.cache import FeatureStore
+    from stages.common.shortlist import read_pairs
     from stages.rerank.merge import load_inliers
 
     dataset, out, rc, result = full_run
@@ -123,7 +123,7 @@ def test_nsml_infer_contract(global_run, tmp_path):
 
 def test_global_descriptors_are_unit_norm(global_run):
     _, _, rc, _ = global_run
-    from pipeline.cache import FeatureStore
+    from stages.common.cache import FeatureStore
 
     folders = list((rc.cache / "global").iterdir())
     assert len(folders) == 1

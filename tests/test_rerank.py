@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.cache import FeatureStore
-from pipeline.conf import resolve
+from stages.common.cache import FeatureStore
+from stages.common.conf import resolve
 from stages.rerank import matching, merge, ransac, synthetic, verify
 
 RANSAC_CONF = {"backend": "opencv", "model": "affine", "threshold": 20.0, "max_iters": 1000,

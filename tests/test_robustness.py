@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import logger as pipeline_logger
-from pipeline.cache import (
+from pipeline.cli import main as cli_main
+from stages.common import logger as pipeline_logger
+from stages.common.cache import (
     FeatureStore,
     atomic_write_json,
     decode_name,
@@ -32,10 +33,9 @@ from pipeline.cache import (
     load_npz,
     remove_stale_temp_files,
 )
-from pipeline.cli import main as cli_main
-from pipeline.image_header import read_header
-from pipeline.images import ImageReadError, read_image
-from stages.global_embed.search import read_pairs, write_pairs
+from stages.common.image_header import read_header
+from stages.common.images import ImageReadError, read_image
+from stages.common.shortlist import read_pairs, write_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 QUERY = Path("test/test_data/query")
@@ -230,7 +230,7 @@ def test_large_image_memory_stays_bounded(tmp_path):
     script = textwrap.dedent(f"""
         import json, re, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from pipeline.images import ImageReadError, read_image, resize_max_side
+        from stages.common.images import ImageReadError, read_image, resize_max_side
         def peak_mb():
             status = open("/proc/self/status").read()
             return int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) / 1024
@@ -336,7 +336,7 @@ def _child(code: str) -> subprocess.Popen:
 
 def test_a_killed_lock_holder_releases_the_lock(tmp_path):
     lock = tmp_path / "pca.lock"
-    child = _child(f"from pipeline.cache import exclusive_lock\nimport time\n"
+    child = _child(f"from stages.common.cache import exclusive_lock\nimport time\n"
                    f"with exclusive_lock({str(lock)!r}):\n    print('locked', flush=True)\n    time.sleep(60)\n")
     try:
         assert child.stdout.readline().strip() == "locked"
@@ -351,7 +351,7 @@ def test_a_killed_lock_holder_releases_the_lock(tmp_path):
 
 def test_a_killed_writer_never_leaves_a_half_written_file(tmp_path):
     target = tmp_path / "out" / "rankings.json"
-    child = _child(f"from pathlib import Path\nfrom pipeline.cache import atomic_write_json\n"
+    child = _child(f"from pathlib import Path\nfrom stages.common.cache import atomic_write_json\n"
                    f"for i in range(100000):\n"
                    f"    atomic_write_json(Path({str(target)!r}), {{'i': i, 'pad': ['x' * 100] * 20000}})\n"
                    f"    print(i, flush=True)\n")
@@ -373,7 +373,7 @@ def test_a_killed_writer_never_leaves_a_half_written_file(tmp_path):
 @pytest.fixture(scope="module")
 def converted_weights(weights_cache):
     """The session cache with the converted backbone weights in it."""
-    from stages.backbone import efficientnet_lite as lite
+    from stages.common.backbone import efficientnet_lite as lite
 
     lite.imagenet_weights(weights_cache)
     return weights_cache / "weights"
@@ -489,7 +489,7 @@ def messy_run(tmp_path_factory, converted_weights):
 
 
 def test_messy_run_succeeds_and_ranks_everything(messy_run):
-    from pipeline.dataset import load_dataset
+    from stages.common.dataset import load_dataset
 
     assert messy_run["code"] == 0
     dataset = load_dataset(messy_run["data"])
@@ -504,7 +504,7 @@ def test_messy_run_succeeds_and_ranks_everything(messy_run):
 
 
 def test_unreadable_references_last_and_queries_in_name_order(messy_run):
-    from pipeline.dataset import load_dataset
+    from stages.common.dataset import load_dataset
 
     refs = list(load_dataset(messy_run["data"]).references)
     rankings = json.loads((messy_run["out"] / "rankings.json").read_text())

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import model_dir as md
 from pipeline import train as tr
-from pipeline.conf import resolve
-from pipeline.dataset import load_dataset
-from stages.backbone import efficientnet_lite as lite
+from stages.common.backbone import efficientnet_lite as lite
+from stages.common.backbone import model_dir as md
+from stages.common.conf import resolve
+from stages.common.dataset import load_dataset
 from tests.conftest import write_image
 
 TINY = {"input_size": 64, "embed_dim": 32, "attention_hidden": 16, "batch_classes": 2, "batch_images": 2,

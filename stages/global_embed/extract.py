@@ -1,6 +1,6 @@
 """Stage 1a: one global descriptor per image (multi-scale GeM of a CNN map, L2-normalised).
 
-Output: a feature store (see `pipeline.cache`) whose entry per image name holds
+Output: a feature store (see `stages.common.cache`) whose entry per image name holds
 ``descriptor`` float32 [D] (unit L2 norm, whole image), ``region_descriptors`` float32
 [G, D] (one per conf region, row 0 the whole image) and ``image_size`` int32 [2] =
 (width, height) in pixels.
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import logger, setup_logging
-from pipeline.cache import FeatureStore
-from pipeline.conf import conf_hash, resolve, stage_parser
-from pipeline.extraction import extract_to_store
-from pipeline.images import resize_by, resize_max_side
+from stages.common import logger, setup_logging
+from stages.common.cache import FeatureStore
+from stages.common.conf import conf_hash, resolve, stage_parser
+from stages.common.extraction import extract_to_store
+from stages.common.images import resize_by, resize_max_side
 
 from .models import FeatureModel, load_model, model_identity
 from .pooling import combine_scales, gem, l2_normalize
@@ -125,15 +125,24 @@ def main(conf: dict, images: dict[str, Path], cache_root: Path, overwrite: bool 
     return store.dir
 
 
-def cli():
+def cli(argv=None):
     parser = stage_parser(__doc__, confs, "lite0-gem")
-    parser.add_argument("--images", type=Path, required=True, help="folder of images to describe")
-    args = parser.parse_args()
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path,
+                        help="data folder (hackathon layout): its queries, references and training images "
+                             "(the training images are what the learned whitening of the ranking step needs)")
+    source.add_argument("--images", type=Path, help="a folder of images to describe")
+    parser.add_argument("--no-train", action="store_true", help="with --data: leave the training images out")
+    args = parser.parse_args(argv)
     setup_logging()
-    from pipeline.dataset import list_images
+    from stages.common.dataset import list_images, load_dataset
 
-    print(main(resolve(default_conf, confs, args.conf), list_images(args.images), args.cache, args.overwrite,
-               args.shard))
+    if args.data:
+        dataset = load_dataset(args.data)
+        images = {**dataset.images, **({} if args.no_train else dataset.training_images()[0])}
+    else:
+        images = list_images(args.images)
+    print(main(resolve(default_conf, confs, args.conf), images, args.cache, args.overwrite, args.shard))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.model_dir import backbone_identity
-from stages.backbone import efficientnet_lite as lite
+from stages.common.backbone import efficientnet_lite as lite
+from stages.common.backbone.model_dir import backbone_identity
 
 
 class FeatureModel:
@@ -51,7 +51,7 @@ class Lite0(FeatureModel):
         if weights_dir is None:
             lite.set_weights(self.model, lite.imagenet_weights(cache_dir))
         else:
-            from pipeline.model_dir import load_backbone_weights, load_global_head
+            from stages.common.backbone.model_dir import load_backbone_weights, load_global_head
 
             load_backbone_weights(self.model, weights_dir)
             self.head = load_global_head(weights_dir)

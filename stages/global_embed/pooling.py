@@ -2,11 +2,7 @@
 
 import numpy as np
 
-
-def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
-    """Divides by the L2 norm along `axis`; all-zero vectors stay zero."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
+from stages.common.pca import l2_normalize
 
 
 def gem(feature_map: np.ndarray, p: float = 3.0, eps: float = 1e-6) -> np.ndarray:

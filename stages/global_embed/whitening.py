@@ -1,8 +1,6 @@
-"""PCA whitening learned on reference descriptors (unsupervised).
-
-Jégou & Chum, "Negative evidences and co-occurrences in image retrieval", ECCV 2012; as
-used after GeM in cirtorch (``utils/whiten.py pcawhitenlearn``): centre, rotate onto the
-principal axes and scale each by 1 / sqrt(eigenvalue), keep the top `dim` axes, L2-normalise.
+"""Whitening of global descriptors learned from matching pairs of the training classes
+("Lw"), and a disk cache for any learned whitening. PCA whitening on the references, which
+stage 2 also uses for its local descriptors, is in `stages.common.pca`.
 """
 
 import hashlib
@@ -11,43 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .pooling import l2_normalize
-
-
-def learn_pca_whitening(x: np.ndarray, dim: int | None = None, shrinkage: float = 0.0) -> dict[str, np.ndarray]:
-    """Learns PCA whitening.
-
-    Args:
-        x: float [N, D] descriptors (N >= 2).
-        dim: output dimensionality (default min(N - 1, D)).
-        shrinkage: eigenvalues are raised to the power -(1 - shrinkage) / 2 instead of
-            -1/2; 0 is full whitening, 1 plain PCA rotation (a milder, safer whitening
-            when N is small).
-
-    Returns:
-        {"mean": float32 [D], "projection": float32 [dim, D]}.
-
-    Raises:
-        ValueError: fewer than 2 descriptors.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if len(x) < 2:
-        raise ValueError("PCA whitening needs at least 2 descriptors")
-    mean = x.mean(axis=0)
-    xc = x - mean
-    cov = xc.T @ xc / len(x)
-    eigval, eigvec = np.linalg.eigh(cov)
-    order = np.argsort(eigval)[::-1]
-    dim = min(dim or (len(x) - 1), x.shape[1], len(x) - 1)
-    eigval, eigvec = eigval[order[:dim]], eigvec[:, order[:dim]]
-    scale = np.maximum(eigval, 1e-9 * eigval.max()) ** (-(1.0 - shrinkage) / 2.0)
-    projection = (eigvec * scale).T
-    return {"mean": mean.astype(np.float32), "projection": projection.astype(np.float32)}
-
-
-def apply_whitening(x: np.ndarray, whitening: dict[str, np.ndarray]) -> np.ndarray:
-    """Whitens descriptors: float [N, D] -> float32 [N, dim], unit L2 norm."""
-    return l2_normalize((np.asarray(x, np.float32) - whitening["mean"]) @ whitening["projection"].T)
+from stages.common.cache import atomic_save_npz, load_npz
 
 
 def same_class_pairs(labels) -> tuple[np.ndarray, np.ndarray]:
@@ -121,8 +83,6 @@ def learn_cached(folder: Path | None, learn: Callable[..., dict], x: np.ndarray,
     """
     if folder is None:
         return learn(x, *args, **kwargs)
-    from pipeline.cache import atomic_save_npz, load_npz
-
     x = np.ascontiguousarray(x)
     digest = hashlib.sha1(x.tobytes())
     digest.update(repr((x.dtype.str, x.shape, [np.asarray(a).tolist() for a in args], sorted(kwargs.items()))).encode())

@@ -16,9 +16,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.images import resize_by, resize_max_side
-from pipeline.model_dir import backbone_identity
-from stages.backbone import efficientnet_lite as lite
+from stages.common.backbone import efficientnet_lite as lite
+from stages.common.backbone.model_dir import backbone_identity
+from stages.common.images import resize_by, resize_max_side
 
 from .keypoints import dense_candidates, select_top
 
@@ -48,7 +48,7 @@ class DenseLite0:
         self.attention = None
         self.identity = backend_identity(conf)
         if conf.get("weights_dir"):
-            from pipeline.model_dir import load_attention, load_backbone_weights
+            from stages.common.backbone.model_dir import load_attention, load_backbone_weights
 
             load_backbone_weights(self.model, conf["weights_dir"])
             self.attention = load_attention(conf["weights_dir"])

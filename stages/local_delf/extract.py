@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import logger, setup_logging
-from pipeline.cache import FeatureStore, atomic_save_npz, exclusive_lock, load_npz, source_stamp
-from pipeline.conf import conf_hash, resolve, stage_parser
-from pipeline.extraction import extract_to_store
-from pipeline.images import ImageReadError, read_image
-from stages.global_embed.search import read_pairs
-from stages.global_embed.whitening import apply_whitening, learn_pca_whitening
+from stages.common import logger, setup_logging
+from stages.common.cache import FeatureStore, atomic_save_npz, exclusive_lock, load_npz, source_stamp
+from stages.common.conf import conf_hash, resolve, stage_parser
+from stages.common.extraction import extract_to_store
+from stages.common.images import ImageReadError, read_image
+from stages.common.pca import apply_whitening, learn_pca_whitening
+from stages.common.shortlist import read_pairs
 
 from .backends import BACKENDS, backend_identity, load_backend
 from .geometry import rotate_image, unrotate_points
@@ -260,18 +260,24 @@ def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path
     return store.dir
 
 
-def cli():
+def cli(argv=None):
     parser = stage_parser(__doc__, confs, "delf-lite0")
     parser.add_argument("--pairs", type=Path, required=True, help="shortlist file from stage 1")
     parser.add_argument("--data", type=Path, required=True, help="data folder (hackathon layout)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     setup_logging()
-    from pipeline.dataset import load_dataset
+    import json
+
+    from stages.common.dataset import load_dataset
 
     conf = resolve(default_conf, confs, args.conf)
     dataset = load_dataset(args.data)
+    # The PCA is learned on the readable references, as in a pipeline run: the unreadable
+    # ones are listed in the skipped.json that stage 1 wrote beside the shortlist.
+    skipped = args.pairs.parent / "skipped.json"
+    unreadable = set(json.loads(skipped.read_text())["references"]) if skipped.exists() else set()
     print(main(conf, args.pairs, dataset.images, args.cache, args.overwrite, args.shard,
-               references=list(dataset.references)))
+               references=[r for r in dataset.references if r not in unreadable]))
 
 
 if __name__ == "__main__":

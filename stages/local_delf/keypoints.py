@@ -9,7 +9,7 @@ the best `max_num` across all scales are kept (DELF's NMS uses IoU 1.0, i.e. non
 
 import numpy as np
 
-from stages.backbone.efficientnet_lite import feature_centers
+from stages.common.backbone.efficientnet_lite import feature_centers
 
 from .geometry import rescale_points
 

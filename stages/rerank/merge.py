@@ -3,18 +3,25 @@
 Only the first `top_k` positions of each query's global ranking are reordered; below them
 the global order is kept, and every reference appears exactly once in every list. The
 merge reads cached counts (`verify.main`), so changing the rule, `top_k`, `min_inliers`
-or `weight` reranks without matching again.
+or `weight` reranks without matching again. `main` writes the final ``rankings.json``
+({query: [every reference, best first]}).
 """
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import logger
-from pipeline.cache import FeatureStore
+from stages.common import logger, setup_logging
+from stages.common.cache import FeatureStore, atomic_write_json
+from stages.common.conf import resolve
+from stages.common.shortlist import order_to_names, read_pairs, read_ranking
 
 RULES = ("delg", "weighted")
 INLIER_CAP = 70  # inliers at which the weighted rule's bonus saturates
+
+default_conf = {"rule": "delg", "min_inliers": 15, "weight": 0.5}
+confs = {"delg": {}, "weighted": {"rule": "weighted"}}
 
 
 def _inlier_matrix(inliers, n_queries: int, k: int) -> np.ndarray:
@@ -102,8 +109,6 @@ def load_inliers(store, pairs) -> dict[str, dict[str, int]]:
     if not isinstance(store, FeatureStore):
         store = FeatureStore.open(Path(store))
     if not isinstance(pairs, dict):
-        from stages.global_embed.search import read_pairs
-
         pairs = read_pairs(pairs)
     out, missing = {}, 0
     for query, refs in pairs.items():
@@ -138,3 +143,77 @@ def align_inliers(query_names, ref_names, order: np.ndarray, inliers: dict[str, 
         cached = inliers.get(str(query), {})
         out.append(np.array([cached.get(ref_names[j], 0) for j in order[q, :top_k]], np.int32))
     return out
+
+
+def verified_depth(query_names, ref_names, order: np.ndarray, inliers: dict[str, dict[str, int]]) -> int:
+    """1 + the deepest global rank (0-based) of any pair with an inlier count; 0 if none.
+
+    Reordering the first `verified_depth` positions is the same as reordering any deeper
+    prefix: below it no reference has inliers, so the global order stays."""
+    column = {str(r): j for j, r in enumerate(ref_names)}
+    depth = 0
+    for q, query in enumerate(query_names):
+        counted = [column[r] for r in inliers.get(str(query), {}) if r in column]
+        if counted:
+            depth = max(depth, int(np.flatnonzero(np.isin(order[q], counted)).max()) + 1)
+    return depth
+
+
+def main(conf: dict, ranking_path: Path, pairs_paths, inliers_dir: Path, out_dir: Path) -> Path:
+    """Reranks the global ranking by the inlier counts of the verified shortlists.
+
+    Args:
+        conf: the merge conf (see `default_conf`): "rule", "min_inliers", "weight".
+        ranking_path: the global ranking (``global_ranking.npz``, stage 1).
+        pairs_paths: the shortlist files whose pairs were verified (the top-k and any
+            deeper windows), "query<TAB>reference" lines.
+        inliers_dir: the inlier cache folder (`verify.main`).
+        out_dir: where ``rankings.json`` is written.
+
+    Returns:
+        The ``rankings.json`` path: {query: [every reference, best first]}.
+
+    Raises:
+        ValueError: an unknown rule.
+    """
+    logger.info("merge, conf: %s", conf)
+    ranking = read_ranking(ranking_path)
+    query_names = ranking["query_names"].tolist()
+    ref_names = ranking["ref_names"].tolist()
+    store = FeatureStore.open(Path(inliers_dir))
+    inliers: dict[str, dict[str, int]] = {}
+    for path in [pairs_paths] if isinstance(pairs_paths, (str, Path)) else pairs_paths:
+        for query, counts in load_inliers(store, path).items():
+            inliers.setdefault(query, {}).update(counts)
+    depth = verified_depth(query_names, ref_names, ranking["order"], inliers)
+    order = rerank(ranking["order"], ranking["scores"],
+                   align_inliers(query_names, ref_names, ranking["order"], inliers, depth),
+                   depth, conf["rule"], conf["min_inliers"], conf["weight"])
+    path = Path(out_dir) / "rankings.json"
+    atomic_write_json(path, order_to_names(order, query_names, ref_names))
+    return path
+
+
+def cli(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranking", type=Path, required=True, help="global_ranking.npz from stage 1")
+    parser.add_argument("--pairs", type=Path, nargs="+", required=True,
+                        help="the verified shortlist files (pairs-global-top*.txt)")
+    parser.add_argument("--inliers", type=Path, required=True,
+                        help="inlier cache folder from verification (cache/rerank/<conf>-<hash>/)")
+    parser.add_argument("--output", type=Path, required=True, help="folder for rankings.json")
+    parser.add_argument("--conf", default="delg", choices=sorted(confs),
+                        help="delg: verified references first by inlier count, then the global order; "
+                             "weighted: global score + weight * min(inliers, 70) / 70")
+    parser.add_argument("--min-inliers", type=int, default=default_conf["min_inliers"],
+                        help="inliers for a reference to count as verified")
+    parser.add_argument("--weight", type=float, default=default_conf["weight"],
+                        help="the weighted rule's inlier weight, in global-score units")
+    args = parser.parse_args(argv)
+    setup_logging()
+    conf = resolve(default_conf, confs, args.conf, {"min_inliers": args.min_inliers, "weight": args.weight})
+    print(main(conf, args.ranking, args.pairs, args.inliers, args.output))
+
+
+if __name__ == "__main__":
+    cli()

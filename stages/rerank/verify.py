@@ -19,19 +19,19 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import logger, setup_logging
-from pipeline.cache import FeatureStore, source_stamp
-from pipeline.conf import conf_hash, resolve, stage_parser
+from stages.common import logger, setup_logging
+from stages.common.cache import FeatureStore, source_stamp
+from stages.common.conf import conf_hash, resolve, stage_parser
+from stages.common.shortlist import read_pairs
 
-from . import matching, ransac
+from . import matching, merge, ransac
 
 default_conf = {
     "matcher": {"method": "mutual_nn", "distance_threshold": 0.8, "ratio": 0.8},
     "ransac": {"backend": "opencv", "model": "affine", "threshold": 20.0, "max_iters": 1000,
                "confidence": 0.999999, "refine_iters": 0, "seed": 0},
-    # Not part of the cache key: see merge.rerank. min_inliers 25: the most inliers of 672
-    # unrelated synthetic RootSIFT pairs (800 px, mutual NN, affine, 20 px); tune on real data.
-    "merge": {"rule": "delg", "min_inliers": 15, "weight": 0.5},
+    # Not part of the cache key: the merge conf (`merge.default_conf`), applied after verification.
+    "merge": dict(merge.default_conf),
 }
 
 confs = {
@@ -234,7 +234,7 @@ def main(conf: dict, pairs_path: Path, local_store_dir: Path, cache_root: Path, 
 
     Args:
         conf: the stage conf (see `default_conf`); only "matcher" and "ransac" matter here.
-        pairs_path: shortlist file, "query<TAB>reference" lines (`search.write_ranking`).
+        pairs_path: shortlist file, "query<TAB>reference" lines (`stages.common.shortlist.write_pairs`).
         local_store_dir: the stage-2 local-feature store folder (holding ``conf.json``).
         cache_root: cache folder; counts go to ``<cache_root>/rerank/<name>-<hash>/``.
         overwrite: recompute pairs that are already cached.
@@ -250,8 +250,6 @@ def main(conf: dict, pairs_path: Path, local_store_dir: Path, cache_root: Path, 
     Raises:
         FileNotFoundError: `local_store_dir` has no ``conf.json``.
     """
-    from stages.global_embed.search import read_pairs
-
     logger.info("geometric verification, conf: %s", conf)
     local = FeatureStore.open(Path(local_store_dir))
     store = store_for(conf, cache_root, local)
@@ -289,13 +287,13 @@ def main(conf: dict, pairs_path: Path, local_store_dir: Path, cache_root: Path, 
     return store.dir
 
 
-def cli():
+def cli(argv=None):
     parser = stage_parser(__doc__, confs, "mnn-affine-opencv")
     parser.add_argument("--pairs", type=Path, required=True, help="shortlist file (query<TAB>reference lines)")
     parser.add_argument("--features", type=Path, required=True, help="local-feature store folder")
     parser.add_argument("--workers", type=int, default=2, help="parallel joblib workers")
     parser.add_argument("--backend", default="loky", choices=["loky", "threading"], help="joblib backend")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     setup_logging()
     conf = resolve(default_conf, confs, args.conf)
     print(main(conf, args.pairs, args.features, args.cache, args.overwrite, args.workers, args.backend, args.shard))

@@ -59,6 +59,16 @@ class Dataset:
         """Queries and references together (their names are disjoint)."""
         return {**self.references, **self.queries}
 
+    def training_images(self) -> tuple[dict[str, Path], dict[str, str]]:
+        """Training images keyed ``train:<class>/<stem>`` (unique across classes, never a test
+        name since test names hold no "/"), and the class of each: ({key: path}, {key: class})."""
+        images, labels = {}, {}
+        for label, paths in self.train.items():
+            for path in paths:
+                key = f"train:{label}/{path.stem}"
+                images[key], labels[key] = path, label
+        return images, labels
+
 
 def list_images(folder: Path) -> dict[str, Path]:
     """{file stem: path} of the image files directly in `folder`, sorted by name.

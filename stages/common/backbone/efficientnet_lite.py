@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import logger
-from pipeline.cache import atomic_save_npz, load_npz
-
+from .. import logger
+from ..cache import atomic_save_npz, load_npz
 from .legacy_pth import load_legacy_state_dict
 
 # (repeats, kernel, stride, expand ratio, input channels, output channels) per stage.

@@ -160,6 +160,9 @@ def exclusive_lock(path: Path):
 class FeatureStore:
     """Feature files of one stage and one conf, keyed by image name.
 
+    Attributes:
+        key: the conf hash; conf: the effective conf; dir: the store folder.
+
     Args:
         root: the cache root, e.g. ``cache/``.
         stage: stage folder name, e.g. ``"global"``.
@@ -171,7 +174,7 @@ class FeatureStore:
     """
 
     def __init__(self, root: Path, stage: str, conf: dict, key: str):
-        self.key = key
+        self.key, self.conf = key, conf
         self.dir = Path(root) / stage / f"{conf.get('name', stage)}-{key}"
         self.dir.mkdir(parents=True, exist_ok=True)
         conf_path = self.dir / "conf.json"

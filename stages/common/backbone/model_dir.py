@@ -31,10 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.backbone.efficientnet_lite import flatten_weights, unflatten_weights
-
-from . import logger
-from .cache import atomic_save_npz, atomic_write_json, load_npz
+from .. import logger
+from ..cache import atomic_save_npz, atomic_write_json, load_npz
+from .efficientnet_lite import flatten_weights, unflatten_weights
 
 FORMAT_VERSION = 1
 CONFIG = "config.json"
@@ -91,7 +90,7 @@ def backbone_identity(model_dir: Path | None) -> str:
     trained model directory's (`weights_identity`) or the shipped ImageNet checkpoint's."""
     if model_dir:
         return weights_identity(model_dir)
-    from stages.backbone.efficientnet_lite import shipped_checkpoint
+    from .efficientnet_lite import shipped_checkpoint
 
     return "lite0-imagenet-" + shipped_checkpoint().name
 
@@ -113,7 +112,7 @@ def load_backbone_weights(model, model_dir: Path) -> str:
     Raises:
         ModelDirError: not a model directory, or it lacks the weights of a layer of `model`.
     """
-    from stages.backbone.efficientnet_lite import set_weights
+    from .efficientnet_lite import set_weights
 
     read_config(model_dir)
     weights = unflatten_weights(_group(model_dir, "backbone"))
@@ -227,7 +226,7 @@ def save_model_dir(model_dir: Path, backbone: dict[str, list[np.ndarray]], confi
 
 def write_train_log(model_dir: Path, history: list[dict]) -> None:
     """Rewrites ``train_log.jsonl`` (one JSON object per epoch) atomically."""
-    from .cache import atomic_write_bytes
+    from ..cache import atomic_write_bytes
 
     text = "".join(json.dumps(h, sort_keys=True) + "\n" for h in history)
     atomic_write_bytes(Path(model_dir) / TRAIN_LOG, text.encode())

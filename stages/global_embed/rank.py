@@ -1,0 +1,248 @@
+"""Stage 1c: whitening and the global ranking of every reference for every query.
+
+Reads the global descriptors (`extract`), learns the whitening the conf asks for, ranks all
+references for every query (`search.rank_all`, faiss) and writes, into the output folder:
+
+- ``global_ranking.npz``: the full ranking (`stages.common.shortlist.save_ranking`);
+- ``pairs-global-top{k}.txt``: the top-k shortlist that stages 2 and 3 read;
+- ``skipped.json``: the unreadable queries and references and why
+  ({"queries": {name: reason}, "references": {name: reason}}). An unreadable reference is
+  ranked last (in name order) in every list and left out of the shortlist; an unreadable
+  query gets the references in name order and no shortlist.
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from stages.common import logger, setup_logging
+from stages.common.cache import FeatureStore, atomic_write_json
+from stages.common.conf import resolve
+from stages.common.dataset import Dataset
+from stages.common.extraction import load_from_store
+from stages.common.pca import apply_whitening, learn_pca_whitening
+from stages.common.shortlist import save_ranking, write_pairs
+
+from . import search
+from .whitening import learn_cached, learn_pair_whitening
+
+WHITENINGS = ("auto", "learned", "pca", "none")
+
+default_conf = {
+    "top_k": 100,  # shortlist length per query handed to stages 2 and 3
+    # auto: learned from the training classes' matching pairs when there are any and the
+    # descriptors come from ImageNet weights; none with a trained model or no training data.
+    "whitening": "auto",
+    "whiten_dim": 512,
+    "query_regions": True,  # a reference scores the best of the query's region descriptors
+}
+
+confs = {
+    "auto": {},
+    "learned": {"whitening": "learned"},
+    "pca": {"whitening": "pca"},
+    "none": {"whitening": "none"},
+}
+
+
+def whitening_mode(conf: dict, global_conf: dict) -> str:
+    """The whitening the conf asks for, after the "auto" rule for trained models.
+
+    A trained model's projection head is already learned on the training classes; whitening
+    learned again on those classes overfits them (smvs_dvd: mAP 0.68 -> 0.62), so "auto"
+    means "none" with one (`global_conf["weights_dir"]` set).
+
+    Raises:
+        ValueError: an unknown whitening name.
+    """
+    mode = conf["whitening"]
+    if mode not in WHITENINGS:
+        raise ValueError(f"unknown whitening {mode!r}; choose one of {WHITENINGS}")
+    return "none" if mode == "auto" and global_conf.get("weights_dir") else mode
+
+
+def needs_training_images(conf: dict, global_conf: dict) -> bool:
+    """Whether the ranking reads descriptors of the training images (to learn whitening)."""
+    return whitening_mode(conf, global_conf) in ("auto", "learned")
+
+
+def learn_whitening(mode: str, dim: int, ref_desc: np.ndarray, train_desc: np.ndarray | None,
+                    train_labels, cache_dir: Path | None = None) -> tuple[str, dict | None]:
+    """Chooses and learns the whitening of `mode`.
+
+    "auto" learns from matching pairs of the training classes when there are any, and
+    applies none otherwise (`whitening_mode` also picks none with a trained model); "learned"
+    demands training pairs; "pca" learns PCA whitening on the references (unsupervised).
+    With `cache_dir`, a whitening learned before from the same descriptors is read back
+    instead (`learn_cached`).
+
+    Args:
+        mode: "auto", "learned", "pca" or "none".
+        dim: dimensions kept.
+        ref_desc: float32 [R, D] reference descriptors (for "pca").
+        train_desc: float32 [N, D] training-image descriptors, or None.
+        train_labels: [N] class of each training descriptor.
+        cache_dir: where learned whitenings are kept, or None.
+
+    Returns:
+        (the mode applied, whitening dict {"mean" [D], "projection" [dim, D]} or None).
+
+    Raises:
+        ValueError: "learned" without a class that has two training images.
+    """
+    has_pairs = train_desc is not None and len(train_desc) > 1 and len(set(train_labels)) < len(train_labels)
+    if mode == "learned" or (mode == "auto" and has_pairs):
+        if not has_pairs:
+            raise ValueError("--whitening learned needs train/train_data/<class>/ with 2+ images in a class")
+        return "learned", learn_cached(cache_dir, learn_pair_whitening, train_desc, list(train_labels), dim)
+    if mode == "pca":
+        if len(ref_desc) < 2:
+            logger.warning("PCA whitening needs 2+ readable references, %d found: no whitening", len(ref_desc))
+            return "none", None
+        return "pca", learn_cached(cache_dir, learn_pca_whitening, ref_desc, dim, shrinkage=0.5)
+    return "none", None
+
+
+def rank_globally(query_names, ref_names, features: dict, whitening: dict | None = None,
+                  query_regions: bool = True):
+    """Ranks every reference for every query by global descriptor similarity.
+
+    References without a descriptor (unreadable) are ranked last, in name order; a query
+    without one gets the references in name order.
+
+    Args:
+        query_names: [Q] names; ref_names: [R] names.
+        features: {name: {"descriptor": float32 [D], "region_descriptors": [G, D]}} for
+            the readable images.
+        whitening: applied to every descriptor when given (`apply_whitening`).
+        query_regions: score a reference by the best of the query's region descriptors.
+
+    Returns:
+        (order int32 [Q, R], scores float32 [Q, R]; -inf where no score exists).
+    """
+    ok_refs = np.array([i for i, n in enumerate(ref_names) if n in features], dtype=np.int64)
+    ok_queries = np.array([i for i, n in enumerate(query_names) if n in features], dtype=np.int64)
+    order = np.tile(np.arange(len(ref_names), dtype=np.int32), (len(query_names), 1))
+    scores = np.full(order.shape, -np.inf, np.float32)
+    if len(ok_refs) == 0 or len(ok_queries) == 0:
+        return order, scores
+    key = "region_descriptors" if query_regions else "descriptor"
+    ref_desc = np.stack([features[ref_names[i]]["descriptor"] for i in ok_refs])
+    query_desc = np.stack([np.atleast_2d(features[query_names[i]][key]) for i in ok_queries])
+    if whitening is not None:
+        ref_desc = apply_whitening(ref_desc, whitening)
+        query_desc = apply_whitening(query_desc.reshape(-1, query_desc.shape[-1]), whitening).reshape(
+            query_desc.shape[0], query_desc.shape[1], -1)
+    sub_order, sub_scores = search.rank_all(query_desc, ref_desc)
+    failed_refs = np.setdiff1d(np.arange(len(ref_names)), ok_refs).astype(np.int32)
+    n_ok = len(ok_refs)
+    order[ok_queries[:, None], np.arange(n_ok)] = ok_refs[sub_order]
+    order[ok_queries[:, None], np.arange(n_ok, len(ref_names))] = failed_refs
+    scores[ok_queries[:, None], np.arange(n_ok)] = sub_scores
+    return order, scores
+
+
+def write_ranking(out_dir: Path, query_names: list[str], ref_names: list[str], order: np.ndarray,
+                  scores: np.ndarray, top_k: int, unranked: set[str] = frozenset()) -> tuple[Path, Path]:
+    """Writes ``global_ranking.npz`` and the shortlist ``pairs-global-top{k}.txt`` (tab-separated
+    "query<TAB>reference" lines, `write_pairs`). Names in `unranked` (unreadable images) are
+    left out of the shortlist: queries entirely, references from every query's top-k.
+
+    Returns:
+        (ranking path, pairs path).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ranking_path = save_ranking(out_dir / "global_ranking.npz", query_names, ref_names, order, scores)
+    pairs_path = out_dir / f"pairs-global-top{top_k}.txt"
+    write_pairs(pairs_path, [(q, ref_names[j]) for i, q in enumerate(query_names) if q not in unranked
+                             for j in order[i, :top_k] if ref_names[j] not in unranked])
+    return ranking_path, pairs_path
+
+
+def report_skipped(store: FeatureStore, errors: dict[str, str], images: dict[str, Path],
+                   since: float | None) -> None:
+    """Logs the unreadable images whose verdict came from the cache (entries written
+    before `since`, a time.time(); all of them when None); those read in this run were
+    logged as they failed."""
+    for name, reason in errors.items():
+        try:
+            fresh = since is not None and store.path(name).stat().st_mtime >= since
+        except OSError:
+            fresh = False
+        if not fresh:
+            logger.warning("skipping unreadable image %s: %s (recorded in the cache)", images[name], reason)
+
+
+def main(conf: dict, features_dir: Path, dataset: Dataset, out_dir: Path,
+         since: float | None = None) -> tuple[Path, Path]:
+    """Ranks every reference of `dataset` for every query from cached global descriptors.
+
+    Args:
+        conf: the ranking conf (see `default_conf`).
+        features_dir: the global descriptor store (`extract.main`), holding every query and
+            reference and, when the whitening is learned, the training images.
+        dataset: the data set (queries, references, training classes).
+        out_dir: where the ranking, the shortlist and ``skipped.json`` are written.
+        since: a time.time() at which this run's extraction started; unreadable images
+            recorded in the cache before it are logged here (all of them when None).
+
+    Returns:
+        (``global_ranking.npz`` path, ``pairs-global-top{k}.txt`` path).
+
+    Raises:
+        ValueError: whitening "learned" without training pairs, or an unknown whitening.
+    """
+    logger.info("global ranking, conf: %s", conf)
+    store = FeatureStore.open(Path(features_dir))
+    mode = whitening_mode(conf, store.conf)
+    train, labels = dataset.training_images() if needs_training_images(conf, store.conf) else ({}, {})
+    images = {**dataset.images, **train}
+    features, errors = load_from_store(store, images, images)
+    report_skipped(store, errors, images, since)
+    query_names, ref_names = list(dataset.queries), list(dataset.references)
+    ok_train = [k for k in train if k in features]
+    applied, whitening = learn_whitening(
+        mode, conf["whiten_dim"],
+        np.stack([features[n]["descriptor"] for n in ref_names if n in features] or [np.zeros(1)]),
+        np.stack([features[k]["descriptor"] for k in ok_train]) if ok_train else None,
+        [labels[k] for k in ok_train], store.dir / "whitening")
+    note = ""
+    if applied == "none" and conf["whitening"] == "auto":
+        note = (" (a trained model's projection head replaces it)" if mode == "none"
+                else " (no training class with 2+ images to learn it from)")
+    logger.info("global whitening: %s%s", applied, note)
+    order, scores = rank_globally(query_names, ref_names, features, whitening, conf["query_regions"])
+    out_dir = Path(out_dir)
+    paths = write_ranking(out_dir, query_names, ref_names, order, scores, conf["top_k"], set(errors))
+    atomic_write_json(out_dir / "skipped.json", {
+        "queries": {n: errors[n] for n in query_names if n in errors},
+        "references": {n: errors[n] for n in ref_names if n in errors}})
+    return paths
+
+
+def cli(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="data folder (hackathon layout)")
+    parser.add_argument("--features", type=Path, required=True,
+                        help="global descriptor store folder (cache/global/<conf>-<hash>/)")
+    parser.add_argument("--output", type=Path, required=True, help="output folder")
+    parser.add_argument("--conf", default="auto", choices=sorted(confs), help="named conf: the whitening")
+    parser.add_argument("--top-k", type=int, default=default_conf["top_k"], help="shortlist length per query")
+    parser.add_argument("--whiten-dim", type=int, default=default_conf["whiten_dim"],
+                        help="dimensions kept by the whitening")
+    parser.add_argument("--no-query-regions", dest="query_regions", action="store_false",
+                        help="score references with the whole-query descriptor only")
+    args = parser.parse_args(argv)
+    setup_logging()
+    from stages.common.dataset import load_dataset
+
+    conf = resolve(default_conf, confs, args.conf,
+                   {"top_k": args.top_k, "whiten_dim": args.whiten_dim, "query_regions": args.query_regions})
+    for path in main(conf, args.features, load_dataset(args.data), args.output):
+        print(path)
+
+
+if __name__ == "__main__":
+    cli()
