@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline import train as tr
+from pipeline.train import augment, checkpoint, data, loop, losses, network
 from stages.common.backbone import efficientnet_lite as lite
 from stages.common.backbone import model_dir as md
 from stages.common.conf import resolve
@@ -48,19 +49,19 @@ def trained(tiny_data, weights_cache, tmp_path_factory):
 def test_split_holds_out_whole_classes():
     classes = {f"{c:03d}": [f"x{i}" for i in range(5)] for c in range(50)}
     classes["050"] = ["only"]  # one image: cannot be a dev class
-    train, dev = tr.split_classes(classes, 10, seed=0)
+    train, dev = data.split_classes(classes, 10, seed=0)
     assert len(dev) == 10 and "050" not in dev
     assert not set(train) & set(dev) and sorted(train + dev) == sorted(classes)
-    assert tr.split_classes(classes, 10, seed=0) == (train, dev)
-    assert tr.split_classes(classes, 0, seed=0) == (sorted(classes), [])
+    assert data.split_classes(classes, 10, seed=0) == (train, dev)
+    assert data.split_classes(classes, 0, seed=0) == (sorted(classes), [])
     with pytest.raises(ValueError):
-        tr.split_classes({"a": [1, 2], "b": [1, 2]}, 1, seed=0)
+        data.split_classes({"a": [1, 2], "b": [1, 2]}, 1, seed=0)
 
 
 def test_dev_task_prefers_the_reference_file(tmp_path):
     paths = {"007": [tmp_path / "canon.jpg", tmp_path / "reference.jpg", tmp_path / "droid.jpg"],
              "008": [tmp_path / "a.jpg", tmp_path / "b.jpg"]}
-    queries, refs, truth = tr.dev_queries_and_references(paths)
+    queries, refs, truth = data.dev_queries_and_references(paths)
     assert list(refs) == ["007/reference", "008/a"]
     assert sorted(queries) == ["007/canon", "007/droid", "008/b"]
     assert truth["007/canon"] == {"007/reference"} and truth["008/b"] == {"008/a"}
@@ -69,7 +70,7 @@ def test_dev_task_prefers_the_reference_file(tmp_path):
 @pytest.mark.parametrize("counts", [[5] * 40, [4, 4, 4, 4], [1, 5, 2, 3]])
 def test_epoch_batches_cover_every_image_with_p_classes_of_k(counts):
     labels = np.repeat(np.arange(len(counts)), counts)
-    batches = tr.epoch_batches(labels, 8, 3, np.random.default_rng(0))
+    batches = data.epoch_batches(labels, 8, 3, np.random.default_rng(0))
     p = min(8, len(counts))
     assert all(len(b) == p * 3 for b in batches)
     assert set(np.concatenate(batches).tolist()) == set(range(len(labels)))
@@ -80,8 +81,8 @@ def test_epoch_batches_cover_every_image_with_p_classes_of_k(counts):
 
 def test_augment_shape_dtype_and_determinism():
     rgb = (np.random.default_rng(0).random((120, 90, 3)) * 255).astype(np.uint8)
-    a = tr.augment(rgb, 64, np.random.default_rng(1), tr.default_conf)
-    b = tr.augment(rgb, 64, np.random.default_rng(1), tr.default_conf)
+    a = augment.augment(rgb, 64, np.random.default_rng(1), tr.default_conf)
+    b = augment.augment(rgb, 64, np.random.default_rng(1), tr.default_conf)
     assert a.shape == (64, 64, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
 
@@ -92,10 +93,10 @@ def test_losses_on_hand_made_embeddings():
     labels = tf.constant([0, 0, 1, 1])
     good = tf.math.l2_normalize(tf.constant([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0]]), -1)
     bad = tf.math.l2_normalize(tf.constant([[1.0, 0.1], [0.1, 1.0], [1.0, -0.1], [-0.1, 1.0]]), -1)
-    assert float(tr.pair_loss(good, labels, 10.0, -5.0)) < float(tr.pair_loss(bad, labels, 10.0, -5.0))
+    assert float(losses.pair_loss(good, labels, 10.0, -5.0)) < float(losses.pair_loss(bad, labels, 10.0, -5.0))
     weights = tf.constant([[1.0, 0.0], [0.0, 1.0]])
-    plain = tr.class_logits(good, weights, labels, 16.0, 0.0)
-    arc = tr.class_logits(good, weights, labels, 16.0, 0.3)
+    plain = losses.class_logits(good, weights, labels, 16.0, 0.0)
+    arc = losses.class_logits(good, weights, labels, 16.0, 0.3)
     target = tf.one_hot(labels, 2)
     # the margin lowers only the target logit
     assert np.all((plain - arc).numpy()[target.numpy() == 1] > 0)
@@ -109,7 +110,8 @@ def test_attention_numpy_matches_tensorflow():
     fmap = rng.random((5, 7, 112)).astype(np.float32)
     scores = md.attention_fn(arrays)(fmap)
     assert scores.shape == (5, 7) and scores.dtype == np.float32 and np.all(scores > 0)
-    tf_scores = tr.attention_scores_tf(fmap[None], {f"attention/{k}": v.astype(np.float32) for k, v in arrays.items()})
+    tf_scores = network.attention_scores_tf(fmap[None],
+                                            {f"attention/{k}": v.astype(np.float32) for k, v in arrays.items()})
     np.testing.assert_allclose(scores, tf_scores.numpy()[0, ..., 0], rtol=1e-4, atol=1e-5)
 
 
@@ -140,16 +142,16 @@ def test_model_dir_round_trips_to_identical_descriptors(trained, tiny_data, weig
 
     conf, out = trained
     config = md.read_config(out)
-    arrays, state = md.load_checkpoint(out)
+    state = checkpoint.read_state(out)
     assert state["epoch"] == 2
     # Rebuild the network of the best epoch from the saved weights, in process.
-    net = tr.Network(conf, len(config["classes"]["train"]), lite.imagenet_weights(weights_cache), 0)
+    net = network.Network(conf, len(config["classes"]["train"]), lite.imagenet_weights(weights_cache), 0)
     weights = lite.unflatten_weights(md._group(out, "backbone"))
     lite.set_weights(net.backbone, weights)
     head = md._group(out, "global_head")
     net.v["head/kernel"].assign(head["kernel"])
     net.v["head/bias"].assign(head["bias"])
-    in_process = tr.KerasFeatureModel(net)
+    in_process = network.KerasFeatureModel(net)
 
     loaded = Lite0(weights_cache, weights_dir=out)
     assert loaded.head is not None and loaded.identity.startswith("lite0-trained-")
@@ -160,8 +162,8 @@ def test_model_dir_round_trips_to_identical_descriptors(trained, tiny_data, weig
     # The best epoch's dev metrics, measured in process during training, are reproduced
     # by the pipeline's loader on the saved directory.
     dataset = load_dataset(tiny_data, require_test=False)
-    dev = tr.load_dev({c: dataset.train[c] for c in config["classes"]["dev"]}, conf["dev_resize"])
-    again = tr.dev_metrics(loaded, dev, conf)
+    dev = data.load_dev({c: dataset.train[c] for c in config["classes"]["dev"]}, conf["dev_resize"])
+    again = loop.dev_metrics(loaded, dev, conf)
     assert again["mAP"] == pytest.approx(config["best"]["dev"]["mAP"], abs=1e-6)
     assert again["Recall@1"] == pytest.approx(config["best"]["dev"]["Recall@1"], abs=1e-6)
     # and it differs from the untrained pipeline
@@ -200,7 +202,7 @@ def test_resume_continues_from_the_saved_epoch(trained, tiny_data, weights_cache
     log = md.read_train_log(copy)
     assert [r["epoch"] for r in log] == [1, 2, 3]
     assert log[:2] == md.read_train_log(out)
-    assert md.load_checkpoint(copy)[1]["epoch"] == 3
+    assert checkpoint.read_state(copy)["epoch"] == 3
     # Another conf refuses the checkpoint; a model without one is not overwritten silently.
     with pytest.raises(ValueError, match="another conf"):
         tr.train({**conf, "embed_dim": 16}, tiny_data, copy, weights_cache)

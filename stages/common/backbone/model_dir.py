@@ -15,8 +15,9 @@ Layout (format version 1)::
                            attention/conv1_kernel [112, A], attention/conv1_bias [A],
                            attention/conv2_kernel [A, 1], attention/conv2_bias [1]
       train_log.jsonl    one JSON object per epoch: losses, dev mAP / Recall@1, seconds
-      checkpoint/        last.npz: everything needed to resume (weights, optimiser
-                         state, epoch, history); not needed for inference
+      checkpoint/        the trainer's resume state (a TensorFlow checkpoint of the
+                         weights and optimiser state, plus the epoch and history);
+                         not needed for inference
 
 All weights live in one file, written by temp file + rename, so a reader never sees a
 backbone from one epoch with a head from another. The identity string returned by
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import logger
-from ..cache import atomic_save_npz, atomic_write_json, load_npz
+from ..cache import atomic_save_npz, atomic_write_json
 from .efficientnet_lite import flatten_weights, unflatten_weights
 
 FORMAT_VERSION = 1
@@ -239,22 +240,3 @@ def read_train_log(model_dir: Path) -> list[dict]:
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-
-def save_checkpoint(model_dir: Path, arrays: dict[str, np.ndarray], state: dict) -> None:
-    """Writes ``checkpoint/last.npz``: named arrays plus a JSON `state`, in one atomic file."""
-    atomic_save_npz(Path(model_dir) / CHECKPOINT_DIR / "last.npz",
-                    {**arrays, "__state__": np.array(json.dumps(state))})
-
-
-def load_checkpoint(model_dir: Path) -> tuple[dict[str, np.ndarray], dict] | None:
-    """Reads ``checkpoint/last.npz`` as (arrays, state), or None when there is none.
-
-    Raises:
-        ValueError: the checkpoint file is unreadable.
-    """
-    path = Path(model_dir) / CHECKPOINT_DIR / "last.npz"
-    if not path.exists():
-        return None
-    arrays = load_npz(path)
-    state = json.loads(str(arrays.pop("__state__")))
-    return arrays, state
