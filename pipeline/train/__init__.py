@@ -39,7 +39,7 @@ rest are queries. Every epoch the dev images are described with the pipeline's o
 model directory and training stops after `patience` epochs without improvement.
 
 Resuming: after every epoch ``checkpoint/`` holds a `tf.train.Checkpoint` of the network
-and both optimisers and, beside it, the loop's state (epoch, best epoch, history); a run
+and both optimisers, with the loop's state (epoch, best epoch, history) inside it; a run
 on an output folder with a checkpoint of the same conf continues from it (the epoch count
 and patience may change in between). Each epoch's augmentation is seeded by (seed,
 epoch), so an interrupted and resumed run sees the same batches as an uninterrupted one.

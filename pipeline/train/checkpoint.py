@@ -1,57 +1,45 @@
-"""The resume checkpoint, ``MODEL_DIR/checkpoint/`` (not needed for inference):
-
-- ``ckpt-<epoch>.index``, ``ckpt-<epoch>.data-*`` and ``checkpoint``: a `tf.train.Checkpoint`
-  of the network (every backbone layer's weights and the head variables) and of both
-  optimisers, kept by a `tf.train.CheckpointManager` that holds only the last epoch's;
-- ``state.json``: the loop's state after that epoch (epoch, best, bad_epochs, history,
-  baseline_dev, run_hash) and the name of the checkpoint it belongs to. It is written
-  after the checkpoint, and trusted only while that checkpoint is the manager's latest.
+"""The resume checkpoint, ``MODEL_DIR/checkpoint/`` (not needed for inference): a
+`tf.train.Checkpoint` kept by a `tf.train.CheckpointManager` that holds only the last
+epoch's (``ckpt-<epoch>.index``, ``ckpt-<epoch>.data-*`` and the manager's ``checkpoint``
+file). It holds the network (every backbone layer's weights and the head variables), both
+optimisers, and the loop's state after that epoch (epoch, best, bad_epochs, history,
+baseline_dev, run_hash) as a JSON string variable, so variables and state are saved
+together: a run killed while saving resumes from the previous epoch's checkpoint.
 """
 
 import json
 from pathlib import Path
 
-from stages.common import logger
 from stages.common.backbone import model_dir as md
-from stages.common.cache import atomic_write_json
 
 from .network import Network
 
-STATE = "state.json"
+STATE_KEY = "state/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 def read_state(model_dir: Path) -> dict | None:
-    """The training state of the resume checkpoint in `model_dir`.
+    """The training state of the latest resume checkpoint in `model_dir`, read without
+    building the network.
 
     Args:
         model_dir: the model directory.
 
     Returns:
-        The state saved by `TrainingCheckpoint.save` (its "checkpoint" names the saved
-        variables), or None when there is none or its checkpoint is not the latest one
-        on disk (files deleted, or a run killed between saving the variables and the
-        state): such a state does not describe the variables, so it is not resumed.
-
-    Raises:
-        ValueError: ``state.json`` is not valid JSON.
+        The state saved by `TrainingCheckpoint.save` plus "checkpoint" (the name of the
+        checkpoint it belongs to), or None when the folder holds no checkpoint.
     """
     import tensorflow as tf
 
-    folder = Path(model_dir) / md.CHECKPOINT_DIR
-    path = folder / STATE
-    if not path.is_file():
+    latest = tf.train.latest_checkpoint(str(Path(model_dir) / md.CHECKPOINT_DIR))
+    if latest is None:
         return None
-    state = json.loads(path.read_text())
-    latest = tf.train.latest_checkpoint(str(folder))
-    if latest is None or Path(latest).name != state.get("checkpoint"):
-        logger.warning("%s belongs to checkpoint %s, but the latest checkpoint in %s is %s; not resuming from it",
-                       path, state.get("checkpoint"), folder, Path(latest).name if latest else "none")
-        return None
-    return state
+    state = json.loads(tf.train.load_variable(latest, STATE_KEY).decode())
+    return {**state, "checkpoint": Path(latest).name}
 
 
 class TrainingCheckpoint:
-    """Saves and restores the network and both optimisers in ``MODEL_DIR/checkpoint/``.
+    """Saves and restores the network, both optimisers and the loop state in
+    ``MODEL_DIR/checkpoint/``.
 
     Args:
         model_dir: the model directory.
@@ -65,19 +53,20 @@ class TrainingCheckpoint:
         import tensorflow as tf
 
         self.folder = Path(model_dir) / md.CHECKPOINT_DIR
-        self._checkpoint = tf.train.Checkpoint(backbone=net.backbone, variables=net.v,
-                                               opt_backbone=opt_backbone, opt_head=opt_head)
+        self._state = tf.Variable("", dtype=tf.string, trainable=False)
+        self._checkpoint = tf.train.Checkpoint(backbone=net.backbone, variables=net.v, opt_backbone=opt_backbone,
+                                               opt_head=opt_head, state=self._state)
         self._manager = tf.train.CheckpointManager(self._checkpoint, str(self.folder), max_to_keep=1)
 
     def save(self, state: dict) -> None:
-        """Saves the variables as ``ckpt-<state["epoch"]>`` (dropping the previous epoch's),
-        then `state`, naming that checkpoint, as ``state.json``.
+        """Saves the variables and `state` as ``ckpt-<state["epoch"]>``, dropping the
+        previous epoch's once it is written.
 
         Args:
             state: JSON-serialisable loop state with an int "epoch".
         """
-        path = self._manager.save(checkpoint_number=state["epoch"])
-        atomic_write_json(self.folder / STATE, {**state, "checkpoint": Path(path).name})
+        self._state.assign(json.dumps({k: v for k, v in state.items() if k != "checkpoint"}))
+        self._manager.save(checkpoint_number=state["epoch"])
 
     def restore(self, state: dict) -> None:
         """Sets every variable from the checkpoint that `state` (from `read_state`) names.
