@@ -7,11 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from . import logger
 from .cache import ERROR_KEY, FeatureStore
 from .images import ImageReadError, read_image
+from .progress import progress
 
 # Decoded images waiting in the prefetch queue are capped at about this many pixels
 # (x 3 bytes), so a folder of huge photos does not multiply the memory by the prefetch depth.
@@ -100,8 +100,7 @@ def extract_to_store(store: FeatureStore, images: dict[str, Path],
     start = time.perf_counter()
     names = list(images)
     results = _results(names, images, compute, prefetch, workers)
-    for name, arrays, error, exc in tqdm(results, total=len(names), desc=desc, unit="img", leave=False,
-                                         disable=None):
+    for name, arrays, error, exc in progress(results, total=len(names), desc=desc, unit="img"):
         if error is not None:
             logger.warning("skipping unreadable image %s", error)
             failed[name] = error.reason

@@ -10,9 +10,9 @@ ranking (k = R), whose cost is faiss's k-selection (bench/bench_search.py, BENCH
 import functools
 
 import numpy as np
-from tqdm import tqdm
 
 from stages.common import logger
+from stages.common.progress import progress
 
 
 def faiss_gpus() -> int:
@@ -91,7 +91,7 @@ def rank_all(query_desc: np.ndarray, ref_desc: np.ndarray, batch: int = 256,
         similarities = functools.partial(_similarities_faiss, index, r=r)
     else:
         similarities = functools.partial(_similarities_blas, np.ascontiguousarray(ref_desc.T))
-    for start in tqdm(range(0, q, batch), desc="global ranking", unit="batch", leave=False, disable=None):
+    for start in progress(range(0, q, batch), desc="global ranking", unit="batch"):
         block = query_desc[start:start + batch]
         b = len(block)
         best = similarities(block.reshape(b * g, -1)).reshape(b, g, r).max(axis=1)
