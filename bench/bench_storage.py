@@ -96,6 +96,7 @@ def verify_quality(store, run: Path, cache: Path, data: Path, workers: int) -> t
     from pipeline.evaluate import evaluate
     from stages.common.dataset import load_dataset
     from stages.common.shortlist import order_to_names, read_pairs, read_ranking
+    from stages.rerank import inliers as inlier_cache
     from stages.rerank import merge, verify
 
     dataset = load_dataset(data)
@@ -115,9 +116,9 @@ def verify_quality(store, run: Path, cache: Path, data: Path, workers: int) -> t
         with timed() as t:
             for w in windows:
                 inlier_dir = verify.main(conf, w, q_store.dir, tmp / "cache", workers=workers)
-                for q, c in merge.load_inliers(inlier_dir, w).items():
+                for q, c in inlier_cache.load_inliers(inlier_dir, w).items():
                     counts["int8"].setdefault(q, {}).update(c)
-                for q, c in merge.load_inliers(base_store, w).items():
+                for q, c in inlier_cache.load_inliers(base_store, w).items():
                     counts["as stored"].setdefault(q, {}).update(c)
                 n_pairs += sum(len(v) for v in read_pairs(w).values())
         maps, rows = {}, []

@@ -14,6 +14,7 @@ from stages.global_embed import extract as global_extract
 from stages.local_delf import extract as local_extract
 from stages.rerank import verify as rerank_verify
 
+from .analysis import summary_line
 from .demo import build_demo
 from .run import STAGES, RunConfig, run
 
@@ -81,26 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DELF TF-Hub module URL or local directory for --local-features delf-hub "
                         "(default https://tfhub.dev/google/delf/1; TFHUB_CACHE_DIR is honoured)")
     g.add_argument("--query-rotations", default=None,
-                   help="comma-separated angles (multiples of 90) at which queries are also described "
-                        "(default: 0,90,270; 0 turns it off)")
+                   help="comma-separated angles (multiples of 90, counter-clockwise) at which queries are "
+                        "described; rotated copies get the smaller pyramid levels only (default: 0,90,180,270; "
+                        "0 turns it off)")
     g = parser.add_argument_group("stage 3: geometric verification and reranking")
     g.add_argument("--rerank", default="mnn-affine-opencv", choices=sorted(rerank_verify.confs),
                    help="matcher, RANSAC backend and model: mnn = mutual nearest neighbours, delf = DELF's "
                         "0.8 distance rule, ratio = Lowe's ratio test; opencv (fast) or skimage (reference)")
+    g.add_argument("--merge", default=None, choices=["calibrated", "delg", "weighted"],
+                   help="calibrated (default): by the probability of the same product given global score and "
+                        "inliers, fitted on pairs of training images verified like the test pairs "
+                        "(calibration.json; without training classes a documented fallback: more than 30 "
+                        "inliers go first); delg: references with --min-inliers go first, by inlier count, then "
+                        "the global order; weighted: global score + w * min(inliers, 70) / 70")
     g.add_argument("--min-inliers", type=int, default=None,
-                   help="inliers for a shortlisted reference to count as verified: verified references go "
-                        "first, by inlier count (DELG's rule; default: 15)")
-    g.add_argument("--merge", default=None, choices=["delg", "weighted"],
-                   help="delg: verified references first by inlier count, then global order (default); "
-                        "weighted: global score + w * min(inliers, 70) / 70")
+                   help="--merge delg and weighted: inliers for a shortlisted reference to count as verified "
+                        "(default: 25)")
     g.add_argument("--expand-to", type=int, default=300,
-                   help="queries whose best top-k reference has fewer than --expand-below inliers get the next "
-                        "top-k references verified too, window by window, down to this rank (set it to --top-k "
-                        "to turn it off)")
-    g.add_argument("--expand-below", type=int, default=30,
-                   help="a query gets a deeper window (--expand-to) while its best shortlisted reference has "
-                        "fewer inliers than this: stricter than --min-inliers, because on smvs_dvd unrelated "
-                        "pairs reach up to about 25 inliers and true ones mostly 40+")
+                   help="queries with no top-k reference likely to be the same product (--expand-below) get the "
+                        "next top-k references verified too, window by window, down to this rank (set it to "
+                        "--top-k to turn it off)")
+    g.add_argument("--expand-below", type=float, default=0.5,
+                   help="a query gets a deeper window (--expand-to) while its best verified reference has a "
+                        "same-product probability below this (the calibration of --merge calibrated; 1 verifies "
+                        "every window of every query, 0 none)")
     g.add_argument("--workers", type=int, default=2, help="parallel processes for verification")
     return parser
 
@@ -150,6 +155,8 @@ def print_summary(result: dict, out_dir: Path, seconds: float) -> None:
           f"{len(next(iter(result['rankings'].values()), []))} references in {seconds:.1f} s -> {out_dir}")
     for stage, s in result["timings"].items():
         print(f"  {stage:8s} {s:8.1f} s")
+    if result.get("verification"):
+        print("  " + summary_line(result["verification"]))
     skipped = result["skipped"]
     if skipped["queries"] or skipped["references"]:
         print(f"  skipped (unreadable): {len(skipped['queries'])} queries, "

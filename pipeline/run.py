@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from stages.common import logger
 from stages.common.cache import atomic_write_json, remove_stale_temp_files
 from stages.common.conf import conf_hash
@@ -16,9 +18,12 @@ from stages.common.shortlist import order_to_names, read_pairs, read_ranking, wr
 from stages.global_embed import extract as global_extract
 from stages.global_embed import rank as global_rank
 from stages.local_delf import extract as local_extract
+from stages.rerank import calibrate as rerank_calibrate
+from stages.rerank import inliers as rerank_inliers
 from stages.rerank import merge as rerank_merge
 from stages.rerank import verify as rerank_verify
 
+from .analysis import verification_stats
 from .evaluate import evaluate
 from .outputs import write_nsml_results, write_rankings
 
@@ -36,7 +41,7 @@ class RunConfig:
     workers: int = 2
     top_k: int = 100
     expand_to: int = 300  # verify deeper, window by window, for queries left unverified
-    expand_below: int = 30  # "unverified": the best shortlisted reference has fewer inliers
+    expand_below: float = 0.5  # "unverified": no shortlisted reference is this likely the same product
     whitening: str = "auto"  # auto | learned | pca | none
     whiten_dim: int = 512
     query_regions: bool = True
@@ -74,13 +79,28 @@ def check_stages(stages) -> tuple[str, ...]:
     return stages
 
 
+def best_probability(calibration: dict, ranking: dict, row: dict, inliers: dict[str, dict[str, int]],
+                     query: str) -> float:
+    """The highest calibrated same-product probability among a query's verified references."""
+    counts = inliers.get(query, {})
+    if not counts:
+        return 0.0
+    i = row[query]
+    names = ranking["ref_names"][ranking["order"][i]]
+    scores = dict(zip(names.tolist(), ranking["scores"][i].tolist(), strict=True))
+    refs = list(counts)
+    return float(rerank_calibrate.probability(calibration, np.array([scores[r] for r in refs]),
+                                              np.array([counts[r] for r in refs])).max())
+
+
 def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, ranking_path: Path, pairs_path: Path,
-                          local_dir: Path, timings: dict, unreadable: set[str] = frozenset(),
+                          local_dir: Path, timings: dict, calibration: dict, unreadable: set[str] = frozenset(),
                           backend: local_extract.LazyBackend | None = None) -> tuple[Path, list[Path]]:
     """Stage 3 on the top-k shortlist, then on deeper windows for the queries it left unverified.
 
-    A query none of whose top-k references reaches `expand_below` inliers probably has its
-    match further down the global ranking (a weak global descriptor, a small or sideways product):
+    A query none of whose top-k references is likely the same product (calibrated
+    probability below `expand_below`, see `stages.rerank.calibrate`) probably has its match
+    further down the global ranking (a weak global descriptor, a small or sideways product):
     the next `top_k` references of such queries are given local features and verified too,
     window after window, down to rank `expand_to`. Each window is a shortlist file
     ``pairs-global-top{k}-window{start}.txt`` next to the first; `unreadable` references
@@ -99,20 +119,20 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, rankin
     while True:
         start = time.perf_counter()
         inlier_dir = rerank_verify.main(rc.rerank_conf, window, local_dir, rc.cache, rc.overwrite, rc.workers)
-        for query, counts in rerank_merge.load_inliers(inlier_dir, window).items():
+        for query, counts in rerank_inliers.load_inliers(inlier_dir, window).items():
             inliers.setdefault(query, {}).update(counts)
         timings["rerank"] = timings.get("rerank", 0.0) + time.perf_counter() - start
-        unverified = [q for q in shortlisted if max(inliers.get(q, {}).values(), default=0) < rc.expand_below]
+        unverified = [q for q in shortlisted if rc.expand_below >= 1
+                      or best_probability(calibration, ranking, row, inliers, q) < rc.expand_below]
         start_rank += rc.top_k
         if not unverified or start_rank >= min(rc.expand_to, n_readable):
             if unverified:
-                logger.info("%d queries still have no reference with %d+ inliers down to rank %d (their "
-                            "references with %d+ inliers still go first)", len(unverified), rc.expand_below,
-                            depth, rc.rerank_conf["merge"]["min_inliers"])
+                logger.info("%d queries still have no reference with a same-product probability of %g+ down to "
+                            "rank %d", len(unverified), rc.expand_below, depth)
             return inlier_dir, windows
         end_rank = min(start_rank + rc.top_k, rc.expand_to, len(ref_names))
-        logger.info("%d queries have no reference with %d+ inliers in the top %d: verifying ranks %d-%d",
-                    len(unverified), rc.expand_below, start_rank, start_rank + 1, end_rank)
+        logger.info("%d queries have no reference with a same-product probability of %g+ in the top %d: "
+                    "verifying ranks %d-%d", len(unverified), rc.expand_below, start_rank, start_rank + 1, end_rank)
         window = out_dir / f"pairs-global-top{rc.top_k}-window{start_rank}.txt"
         write_pairs(window, [(q, ref_names[j]) for q in unverified for j in order[row[q], start_rank:end_rank]
                              if ref_names[j] not in unreadable])
@@ -124,11 +144,55 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, rankin
         timings["local"] = timings.get("local", 0.0) + time.perf_counter() - start
 
 
+def calibrated(rc: RunConfig, stages) -> bool:
+    """Whether this run fits the verification calibration: when it reranks (the calibrated
+    probability decides the deeper windows, and the "calibrated" merge rule)."""
+    return "rerank" in stages
+
+
+def global_images(dataset: Dataset, rc: RunConfig, stages) -> dict[str, Path]:
+    """The images stage 1 describes: queries and references, and the training images that
+    the whitening or the verification calibration needs."""
+    train, labels = dataset.training_images()
+    if global_rank.needs_training_images(rc.rank_conf, rc.global_conf):
+        return {**dataset.images, **train}
+    if calibrated(rc, stages):
+        classes = set(global_rank.calibration_classes(dataset, rc.global_conf))
+        return {**dataset.images, **{k: p for k, p in train.items() if labels[k] in classes}}
+    return dict(dataset.images)
+
+
+def calibrate_verification(rc: RunConfig, dataset: Dataset, out_dir: Path, global_dir: Path, timings: dict,
+                           references: list[str], backend: local_extract.LazyBackend) -> Path | None:
+    """Stages 1-3 on pairs of training images, then the calibration fitted on them
+    (`stages.rerank.calibrate`).
+
+    Returns:
+        The ``calibration.json`` path, or None without usable training classes (the merge
+        then applies `calibrate.DEFAULT`).
+    """
+    start = time.perf_counter()
+    made = global_rank.calibration_pairs(rc.rank_conf, global_dir, dataset, out_dir,
+                                         global_rank.calibration_classes(dataset, rc.global_conf))
+    if made is None:
+        return None
+    pairs_path, arrays_path = made
+    images = {**dataset.images, **dataset.training_images()[0]}
+    local_dir = local_extract.main(rc.local_conf, pairs_path, images, rc.cache, rc.overwrite, backend=backend,
+                                   references=references)
+    inlier_dir = rerank_verify.main(rc.rerank_conf, pairs_path, local_dir, rc.cache, rc.overwrite, rc.workers)
+    path = rerank_calibrate.main(rerank_calibrate.default_conf, arrays_path, inlier_dir, out_dir)
+    timings["calibration"] = time.perf_counter() - start
+    return path
+
+
 def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
     """Runs the requested stages on `dataset` and writes the outputs to `out_dir`.
 
     Writes ``rankings.json``, ``nsml_results.json``, ``config.json``, ``skipped.json``,
-    ``global_ranking.npz``, ``pairs-global-top{k}.txt`` and, with ground truth,
+    ``global_ranking.npz``, ``pairs-global-top{k}.txt``, with reranking
+    ``verification_stats.json`` (and, from training classes, ``pairs-calibration.txt``,
+    ``calibration-pairs.npz`` and ``calibration.json``) and, with ground truth,
     ``metrics.json`` ({stage: metrics}).
 
     Every query gets every reference exactly once. Unreadable images are listed in
@@ -140,7 +204,8 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
 
     Returns:
         {"metrics": {stage: metrics} (empty without ground truth), "timings": {stage: s},
-         "skipped": {"queries": {...}, "references": {...}}, "rankings": final rankings}.
+         "skipped": {"queries": {...}, "references": {...}}, "rankings": final rankings,
+         "verification": `analysis.verification_stats` or None without reranking}.
 
     Raises:
         ValueError: a stage combination `check_stages` refuses.
@@ -150,11 +215,10 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out_dir)
     atomic_write_json(out_dir / "config.json", {"data": str(dataset.root), **rc.as_dict()})
-    timings = {}
+    timings, verification = {}, None
 
     start, started_at = time.perf_counter(), time.time()
-    train = dataset.training_images()[0] if global_rank.needs_training_images(rc.rank_conf, rc.global_conf) else {}
-    global_dir = global_extract.main(rc.global_conf, {**dataset.images, **train}, rc.cache, rc.overwrite)
+    global_dir = global_extract.main(rc.global_conf, global_images(dataset, rc, stages), rc.cache, rc.overwrite)
     ranking_path, pairs_path = global_rank.main(rc.rank_conf, global_dir, dataset, out_dir, since=started_at)
     timings["global"] = time.perf_counter() - start
     skipped = json.loads((out_dir / "skipped.json").read_text())
@@ -184,11 +248,17 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
     rankings_by_stage = {"global": order_to_names(ranking["order"], ranking["query_names"].tolist(),
                                                   ranking["ref_names"].tolist())}
     if "rerank" in stages:
+        readable = [r for r in dataset.references if r not in unreadable]
+        calibration = (calibrate_verification(rc, dataset, out_dir, global_dir, timings, readable, backend)
+                       if dataset.train else None)
         inlier_dir, windows = verify_with_expansion(rc, dataset, out_dir, ranking_path, pairs_path, local_dir,
-                                                    timings, unreadable, backend)
-        rankings_path = rerank_merge.main(rc.rerank_conf["merge"], ranking_path, windows, inlier_dir, out_dir)
+                                                    timings, rerank_calibrate.read(calibration), unreadable, backend)
+        rankings_path = rerank_merge.main(rc.rerank_conf["merge"], ranking_path, windows, inlier_dir, out_dir,
+                                          calibration)
         rankings_by_stage["rerank"] = json.loads(rankings_path.read_text())
         write_nsml_results(out_dir, rankings_by_stage["rerank"])
+        verification = verification_stats(ranking_path, windows, inlier_dir, calibration, dataset.ground_truth,
+                                          out_dir / "verification_stats.json")
     else:
         write_rankings(out_dir, rankings_by_stage["global"])
     final = rankings_by_stage[list(rankings_by_stage)[-1]]
@@ -198,4 +268,4 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
         metrics = {stage: evaluate(names, dataset.ground_truth) for stage, names in rankings_by_stage.items()}
         atomic_write_json(out_dir / "metrics.json", {"metrics": metrics, "timings_s": timings})
     return {"metrics": metrics, "timings": timings, "skipped": skipped, "rankings": final,
-            "pairs": pairs_path, "config_hash": conf_hash(rc.as_dict())}
+            "pairs": pairs_path, "config_hash": conf_hash(rc.as_dict()), "verification": verification}

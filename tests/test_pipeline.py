@@ -20,8 +20,9 @@ def global_run(demo_data, weights_cache, tmp_path_factory):
 @pytest.fixture(scope="module")
 def full_run(demo_data, weights_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    # expand_below 200: true pairs of the demo have 75-570 inliers, so some queries go deeper
-    rc = RunConfig(cache=weights_cache, top_k=4, expand_to=12, expand_below=200, workers=1)
+    # expand_below 1 - 1e-9: only the demo's best-verified queries (a same-product probability
+    # of 1 - 1e-9 takes 200+ inliers under the default calibration) stay in the top 4
+    rc = RunConfig(cache=weights_cache, top_k=4, expand_to=12, expand_below=1 - 1e-9, workers=1)
     return load_dataset(demo_data), out, rc, run(load_dataset(demo_data), out, rc)
 
 
@@ -36,17 +37,21 @@ def test_all_stages_on_the_demo(full_run):
 
 
 def test_unverified_queries_are_verified_deeper(full_run):
-    """Queries whose best top-4 reference has < expand_below inliers get ranks 5-8 verified,
-    and the others do not."""
+    """Queries whose best top-4 reference has a same-product probability below expand_below
+    get ranks 5-8 verified, and the others do not."""
+    from pipeline.run import best_probability
     from stages.common.cache import FeatureStore
-    from stages.common.shortlist import read_pairs
-    from stages.rerank.merge import load_inliers
+    from stages.common.shortlist import read_pairs, read_ranking
+    from stages.rerank import calibrate
+    from stages.rerank.inliers import load_inliers
 
     dataset, out, rc, result = full_run
     first = read_pairs(out / "pairs-global-top4.txt")
     (inlier_dir,) = list((rc.cache / "rerank").iterdir())
     counts = load_inliers(FeatureStore.open(inlier_dir), first)
-    weak = sorted(q for q, c in counts.items() if max(c.values(), default=0) < rc.expand_below)
+    ranking = read_ranking(out / "global_ranking.npz")
+    row = {q: i for i, q in enumerate(ranking["query_names"].tolist())}
+    weak = sorted(q for q in counts if best_probability(calibrate.DEFAULT, ranking, row, counts, q) < rc.expand_below)
     assert weak, "the fixture's expand_below should leave some queries unverified"
     deeper = read_pairs(out / "pairs-global-top4-window4.txt")
     assert sorted(deeper) == weak

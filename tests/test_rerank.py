@@ -5,7 +5,7 @@ import pytest
 
 from stages.common.cache import FeatureStore
 from stages.common.conf import resolve
-from stages.rerank import matching, merge, ransac, synthetic, verify
+from stages.rerank import inliers, matching, merge, ransac, synthetic, verify
 
 RANSAC_CONF = {"backend": "opencv", "model": "affine", "threshold": 20.0, "max_iters": 1000,
                "confidence": 0.999999, "refine_iters": 10, "seed": 0}
@@ -150,7 +150,9 @@ def test_verify_pair_matches_the_pure_functions_and_handles_empty(sift_pair):
     query, ref, pts_q, pts_r = sift_pair
     conf = resolve(verify.default_conf, verify.confs, "mnn-affine-opencv")
     n = verify.verify_pair(query, ref, conf)
-    assert n == ransac.count_inliers(pts_q, pts_r, conf["ransac"])[0] > 100
+    # geometry in normalised coordinates: pixels over the image's longer side
+    norm_q, norm_r = pts_q / max(query["image_size"]), pts_r / max(ref["image_size"])
+    assert n == ransac.count_inliers(norm_q, norm_r, conf["ransac"])[0] > 100
     assert verify.verify_pair({"error": np.array("unreadable")}, ref, conf) == 0
     empty = {"keypoints_xy": np.zeros((0, 2), np.float32), "descriptors": np.zeros((0, 128), np.float16),
              "rotations": np.zeros(0, np.int16)}
@@ -260,7 +262,7 @@ def test_main_caches_pairs_and_reruns_nothing(tmp_path, local_store):
     pairs_path = _write_pairs(tmp_path / "pairs.txt", pairs)
     cache = tmp_path / "cache"
     out = verify.main(conf, pairs_path, local_store.dir, cache, workers=1)
-    counts = merge.load_inliers(out, pairs_path)
+    counts = inliers.load_inliers(out, pairs_path)
     assert counts["q0"]["r0"] == 60 and counts["q1"]["r2"] == 60
     assert counts["q0"]["r1"] < 10 and counts["q1"]["r1"] < 10 and counts["q0"]["r_bad"] == 0
 
@@ -282,7 +284,7 @@ def test_main_caches_pairs_and_reruns_nothing(tmp_path, local_store):
     assert verify.pending_pairs(store, local_store, longer) == {"q0": ["r2"]}
     verify.main(conf, _write_pairs(tmp_path / "longer.txt", longer), local_store.dir, cache, workers=1)
     assert (out / "q1.npz").stat().st_mtime_ns == mtimes["q1.npz"]
-    assert set(merge.load_inliers(out, longer)["q0"]) == {"r0", "r1", "r_bad", "r2"}
+    assert set(inliers.load_inliers(out, longer)["q0"]) == {"r0", "r1", "r_bad", "r2"}
 
     # rewritten local features of a reference invalidate its pairs only
     rng = np.random.default_rng(5)
@@ -294,7 +296,7 @@ def test_main_skips_pairs_without_local_features(tmp_path, local_store):
     conf = resolve(verify.default_conf, verify.confs, "mnn-affine-opencv")
     pairs = {"q0": ["r0", "r_missing"], "q_missing": ["r0"]}
     out = verify.main(conf, _write_pairs(tmp_path / "p.txt", pairs), local_store.dir, tmp_path / "cache", workers=1)
-    assert merge.load_inliers(out, pairs) == {"q0": {"r0": 60}, "q_missing": {}}
+    assert inliers.load_inliers(out, pairs) == {"q0": {"r0": 60}, "q_missing": {}}
     assert verify.pending_pairs(FeatureStore.open(out), local_store, pairs) == {"q0": ["r_missing"],
                                                                               "q_missing": ["r0"]}
 
@@ -306,7 +308,7 @@ def test_parallel_backends_give_the_sequential_counts(tmp_path, local_store, bac
     pairs_path = _write_pairs(tmp_path / "pairs.txt", pairs)
     seq = verify.main(conf, pairs_path, local_store.dir, tmp_path / "seq", workers=1)
     par = verify.main(conf, pairs_path, local_store.dir, tmp_path / "par", workers=2, backend=backend)
-    assert merge.load_inliers(par, pairs) == merge.load_inliers(seq, pairs)
+    assert inliers.load_inliers(par, pairs) == inliers.load_inliers(seq, pairs)
 
 
 def test_align_inliers_follows_the_ranking():

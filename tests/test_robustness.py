@@ -551,7 +551,7 @@ def test_nothing_written_outside_cache_and_output(messy_run):
     assert not (out / "rankings.json").is_symlink()
     assert {p.name for p in out.iterdir()} == {
         "config.json", "global_ranking.npz", "nsml_results.json", "pairs-global-top3.txt", "rankings.json",
-        "skipped.json"} | {p.name for p in out.glob("pairs-global-top3-window*.txt")}
+        "skipped.json", "verification_stats.json"} | {p.name for p in out.glob("pairs-global-top3-window*.txt")}
     cache = messy_run["cache"]
     for path in cache.rglob("*"):
         assert not path.is_symlink() and path.resolve().is_relative_to(cache.resolve())
@@ -626,7 +626,7 @@ def pipeline_command(data: Path, cache: Path, out: Path) -> list[str]:
     # expand_below far above any inlier count: every query gets every window verified,
     # so the run goes global -> local -> rerank -> local (window 2) -> rerank -> ...
     return [sys.executable, str(ROOT / "run_pipeline.py"), "--data", str(data), "--cache", str(cache),
-            "--output", str(out), "--top-k", "2", "--expand-to", "6", "--expand-below", "100000", "--workers", "2"]
+            "--output", str(out), "--top-k", "2", "--expand-to", "6", "--expand-below", "1", "--workers", "2"]
 
 
 def start(command: list[str], log: Path) -> subprocess.Popen:

@@ -180,7 +180,7 @@ def test_attention_loader_and_local_backend(trained, weights_cache):
     score = md.load_attention(out)
     fmap = np.random.default_rng(0).random((6, 9, lite.STRIDE16_CHANNELS)).astype(np.float32)
     assert score(fmap).shape == (6, 9)
-    backend = DenseLite0({**default_conf, "weights_dir": str(out), "resize_max": 128, "image_scales": [1.0]},
+    backend = DenseLite0({**default_conf, "weights_dir": str(out), "resize_to": 128, "image_scales": [1.0]},
                          weights_cache)
     assert backend.attention is not None
     feats = backend((np.random.default_rng(1).random((100, 128, 3)) * 255).astype(np.uint8))

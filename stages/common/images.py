@@ -129,6 +129,39 @@ def resize_max_side(image: np.ndarray, max_side: int | None) -> tuple[np.ndarray
     return resize_by(image, scale), scale
 
 
+def long_side_scale(shape, side) -> float:
+    """The scale that brings an image's longer side into `side`.
+
+    Args:
+        shape: the image's (height, width, ...).
+        side: a length in pixels (the longer side becomes exactly this), or (smallest,
+            largest): a shorter longer side is enlarged to `smallest`, a longer one shrunk
+            to `largest`, one in between kept.
+
+    Returns:
+        new size / old size (> 0).
+    """
+    smallest, largest = (side, side) if np.isscalar(side) else side
+    long = max(shape[:2])
+    return smallest / long if long < smallest else largest / long if long > largest else 1.0
+
+
+def resize_long_side(image: np.ndarray, side) -> tuple[np.ndarray, float]:
+    """Scales, up or down, so that the longer side is `side` pixels, or within `side` =
+    (smallest, largest) (`long_side_scale`): what is computed on the result then depends
+    little on the resolution the file was stored at.
+
+    Args:
+        image: [H, W, C] array.
+        side: the longer side in pixels, or (smallest, largest).
+
+    Returns:
+        (resized image, scale) with scale = new size / old size.
+    """
+    scale = long_side_scale(image.shape, side)
+    return resize_by(image, scale), scale
+
+
 def resize_by(image: np.ndarray, scale: float) -> np.ndarray:
     """Resizes by `scale` (area interpolation when shrinking, bilinear when enlarging);
     each side is rounded and kept at least 1 pixel."""

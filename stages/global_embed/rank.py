@@ -9,6 +9,9 @@ references for every query (`search.rank_all`, faiss) and writes, into the outpu
   ({"queries": {name: reason}, "references": {name: reason}}). An unreadable reference is
   ranked last (in name order) in every list and left out of the shortlist; an unreadable
   query gets the references in name order and no shortlist.
+
+`calibration_pairs` writes the same kind of shortlist among training images, whose answers
+are known, for stage 3 to learn what its verification scores mean on this data.
 """
 
 import argparse
@@ -17,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.common import logger, setup_logging
-from stages.common.cache import FeatureStore, atomic_write_json
+from stages.common.cache import FeatureStore, atomic_save_npz, atomic_write_json
 from stages.common.conf import resolve
 from stages.common.dataset import Dataset
 from stages.common.extraction import load_from_store
@@ -37,6 +40,12 @@ default_conf = {
     "whiten_dim": 512,
     "query_regions": True,  # a reference scores the best of the query's region descriptors
 }
+
+# Training pairs for the verification calibration (stage 3, `stages.rerank.calibrate`):
+# from `classes` classes (evenly spaced by name), `queries_per_class` images are queries and
+# up to `gallery_per_class` others the gallery; each query is paired with its `top_k` most
+# similar gallery images, as a test query is with its shortlist.
+calibration_conf = {"classes": 30, "queries_per_class": 2, "gallery_per_class": 6, "top_k": 20, "seed": 0}
 
 confs = {
     "auto": {},
@@ -222,6 +231,97 @@ def main(conf: dict, features_dir: Path, dataset: Dataset, out_dir: Path,
     return paths
 
 
+def calibration_classes(dataset: Dataset, global_conf: dict) -> list[str]:
+    """The training classes calibration pairs may come from: all of them, or with a
+    trained model (`global_conf["weights_dir"]`) only the dev classes it held out, since
+    the classes it was trained on would look easier than unseen ones."""
+    if not global_conf.get("weights_dir"):
+        return sorted(dataset.train)
+    from stages.common.backbone.model_dir import read_config
+
+    return sorted(set(read_config(global_conf["weights_dir"]).get("classes", {}).get("dev", [])) & set(dataset.train))
+
+
+def _sample_calibration_images(names_by_class: dict[str, list[str]], conf: dict) -> tuple[list[str], list[str]]:
+    classes = sorted(c for c, names in names_by_class.items() if len(names) >= 2)
+    if len(classes) > conf["classes"]:
+        classes = [classes[i] for i in np.linspace(0, len(classes) - 1, conf["classes"]).round().astype(int)]
+    queries, gallery = [], []
+    rng = np.random.default_rng(conf["seed"])
+    for c in classes:
+        names = [names_by_class[c][i] for i in rng.permutation(len(names_by_class[c]))]
+        n_query = min(conf["queries_per_class"], len(names) - 1)
+        queries += names[:n_query]
+        gallery += names[n_query:n_query + conf["gallery_per_class"]]
+    return queries, gallery
+
+
+def calibration_pairs(conf: dict, features_dir: Path, dataset: Dataset, out_dir: Path,
+                      classes: list[str] | None = None) -> tuple[Path, Path] | None:
+    """Shortlists among training images, for the verification calibration of stage 3.
+
+    Sampled as `calibration_conf` says; each query's gallery images are ranked by the
+    global similarity the test queries get (the conf's whitening and query regions). A
+    learned whitening is fitted on the training classes, so a pair's similarity is
+    computed with a whitening learned without its classes (two folds of the sampled
+    classes, by name order): the calibration then sees the similarities of unseen classes,
+    as the test does.
+
+    Args:
+        conf: the ranking conf (see `default_conf`).
+        features_dir: the global descriptor store holding the training images.
+        dataset: the data set; its training images are keyed as `Dataset.training_images`.
+        out_dir: where the two files are written.
+        classes: the classes to sample from (default: every training class).
+
+    Returns:
+        (``pairs-calibration.txt``, the shortlist for stages 2 and 3;
+         ``calibration-pairs.npz``: "queries", "references" str [N], "global_scores"
+         float32 [N], "same" bool [N]), or None when fewer than two classes with two
+        readable images exist.
+    """
+    store = FeatureStore.open(Path(features_dir))
+    train, labels = dataset.training_images()
+    if classes is not None:
+        train = {k: p for k, p in train.items() if labels[k] in set(classes)}
+    mode = whitening_mode(conf, store.conf)
+    references = dataset.references if mode == "pca" else {}
+    features, _ = load_from_store(store, {**train, **references})
+    names_by_class: dict[str, list[str]] = {}
+    for key in sorted(k for k in features if k in train):
+        names_by_class.setdefault(labels[key], []).append(key)
+    queries, gallery = _sample_calibration_images(names_by_class, calibration_conf)
+    if len({labels[q] for q in queries}) < 2 or not gallery:
+        logger.info("verification calibration: fewer than 2 training classes with 2+ readable images")
+        return None
+    sampled = sorted({labels[k] for k in queries + gallery})
+    fold = {c: i % 2 for i, c in enumerate(sampled)}
+    scores = np.full((len(queries), len(gallery)), -np.inf, np.float32)
+    for f in (0, 1) if mode in ("auto", "learned") else (None,):
+        fit_on = [k for k in features if k in train and (f is None or fold.get(labels[k]) != f)]
+        _, whitening = learn_whitening(
+            mode, conf["whiten_dim"], np.stack([features[n]["descriptor"] for n in references
+                                                if n in features] or [np.zeros(1)]),
+            np.stack([features[k]["descriptor"] for k in fit_on]), [labels[k] for k in fit_on],
+            store.dir / "whitening")
+        rows = [i for i, q in enumerate(queries) if f is None or fold[labels[q]] == f]
+        order, ranked = rank_globally([queries[i] for i in rows], gallery, features, whitening, conf["query_regions"])
+        scores[rows] = np.take_along_axis(ranked, np.argsort(order, axis=1), axis=1)  # back to gallery order
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :calibration_conf["top_k"]]
+    pairs = [(queries[i], gallery[j]) for i in range(len(queries)) for j in top[i]]
+    out_dir = Path(out_dir)
+    pairs_path = out_dir / "pairs-calibration.txt"
+    write_pairs(pairs_path, pairs)
+    arrays_path = out_dir / "calibration-pairs.npz"
+    atomic_save_npz(arrays_path, {
+        "queries": np.array([q for q, _ in pairs], dtype=str), "references": np.array([r for _, r in pairs], dtype=str),
+        "global_scores": np.array([scores[i, j] for i in range(len(queries)) for j in top[i]], np.float32),
+        "same": np.array([labels[q] == labels[r] for q, r in pairs], bool)})
+    logger.info("verification calibration: %d training queries x %d gallery images of %d classes, %d pairs",
+                len(queries), len(gallery), len(sampled), len(pairs))
+    return pairs_path, arrays_path
+
+
 def cli(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="data folder (hackathon layout)")
@@ -234,14 +334,24 @@ def cli(argv=None):
                         help="dimensions kept by the whitening")
     parser.add_argument("--no-query-regions", dest="query_regions", action="store_false",
                         help="score references with the whole-query descriptor only")
+    parser.add_argument("--no-calibration", action="store_true",
+                        help="do not write the training-image shortlist for stage 3's calibration "
+                             "(pairs-calibration.txt, calibration-pairs.npz; written when the data has "
+                             "training classes)")
     args = parser.parse_args(argv)
     setup_logging()
     from stages.common.dataset import load_dataset
 
     conf = resolve(default_conf, confs, args.conf,
                    {"top_k": args.top_k, "whiten_dim": args.whiten_dim, "query_regions": args.query_regions})
-    for path in main(conf, args.features, load_dataset(args.data), args.output):
+    dataset = load_dataset(args.data)
+    for path in main(conf, args.features, dataset, args.output):
         print(path)
+    if dataset.train and not args.no_calibration:
+        global_conf = FeatureStore.open(args.features).conf
+        for path in calibration_pairs(conf, args.features, dataset, args.output,
+                                      calibration_classes(dataset, global_conf)) or ():
+            print(path)
 
 
 if __name__ == "__main__":

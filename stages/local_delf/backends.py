@@ -1,9 +1,15 @@
 """Local feature backends. Each maps an RGB image to keypoints in its own pixels.
 
+Every backend first brings the image's longer side into `resize_to` = (smallest, largest)
+pixels, enlarging small files and shrinking large ones, so the features of a photo depend
+little on the resolution its file was stored at (a 348 px shelf photo is described at 512 px,
+a 4000 px one at 1024 px).
+
 - "delf-lite0" (default, offline): the DELF recipe on the shipped ImageNet
   EfficientNet-Lite0: dense stride-16 features (block 10, 112-d) over an image pyramid,
   scored by a trained attention head when a model directory provides one, else by the
-  feature L2 norm.
+  feature L2 norm; cells whose neighbourhood is mostly textureless (`min_textured`) or
+  partly blank background (`max_blank`) are no keypoints.
 - "delf-hub" (needs internet unless given a local directory): the official DELF TF-Hub
   module (``https://tfhub.dev/google/delf/1``), signature "default".
 - "sift": OpenCV SIFT with RootSIFT normalisation (Arandjelović & Zisserman, CVPR 2012).
@@ -18,11 +24,18 @@ import numpy as np
 
 from stages.common.backbone import efficientnet_lite as lite
 from stages.common.backbone.model_dir import backbone_identity
-from stages.common.images import resize_by, resize_max_side
+from stages.common.images import long_side_scale, resize_by, resize_long_side
 
-from .keypoints import dense_candidates, select_top
+from .keypoints import cell_centers, dense_candidates, select_top, texture_fractions
 
 DELF_HUB_URL = "https://tfhub.dev/google/delf/1"
+# Side in pixels of the square whose texture decides whether a stride-16 cell is a
+# keypoint: two cells, about the part of the image a cell's descriptor mostly sees.
+CONTRAST_WINDOW = 33
+# Blank background is looked for over the same square: a wider one (65 px) also removed
+# the keypoints around the white frames of smvs_dvd cover scans, which its hardest queries
+# match (14-15 true inliers instead of 29).
+BLANK_WINDOW = CONTRAST_WINDOW
 
 
 def _empty(dim: int) -> dict:
@@ -63,19 +76,37 @@ class DenseLite0:
             return self.attention(feature_map)
         return np.linalg.norm(feature_map, axis=-1)
 
-    def __call__(self, rgb: np.ndarray) -> dict:
-        base, base_scale = resize_max_side(rgb, self.conf["resize_max"])
+    def __call__(self, rgb: np.ndarray, scales=None) -> dict:
+        """Keypoints of one image.
+
+        Args:
+            rgb: uint8 [H, W, 3].
+            scales: pyramid levels, as fractions of the image scaled into `resize_to`
+                (default: the conf's `image_scales`).
+
+        Returns:
+            {"keypoints_xy": float32 [N, 2] (x, y) in `rgb` pixels, "descriptors": float32
+            [N, 112] unit rows, "scores", "scales": float32 [N]}, N <= max_feature_num.
+        """
         h0, w0 = rgb.shape[:2]
+        base_scale = long_side_scale(rgb.shape, self.conf["resize_to"])
+        # Shrinking: once to the base size, then each level from it; enlarging: each level
+        # straight from the file's pixels, not from an enlarged copy.
+        base = resize_by(rgb, base_scale) if base_scale < 1 else rgb
         levels = []
-        for s in self.conf["image_scales"]:
-            image = resize_by(base, s)
+        for s in self.conf["image_scales"] if scales is None else scales:
+            image = resize_by(base, s if base_scale < 1 else base_scale * s)
             ih, iw = image.shape[:2]
             if min(ih, iw) < self.conf["min_side"]:
                 continue
             fmap = self._run(lite.preprocess(image)[None])[0].numpy()
             xy, desc, scores = dense_candidates(fmap, self.score(fmap), self.layers, (ih, iw), (iw / w0, ih / h0))
-            levels.append({"keypoints_xy": xy, "descriptors": desc, "scores": scores,
-                           "scales": np.full(len(xy), base_scale * s, np.float32)})
+            textured, blank = texture_fractions(image, cell_centers(fmap.shape[:2], self.layers, (ih, iw)),
+                                                CONTRAST_WINDOW, self.conf["min_contrast"], enlarged=base_scale * s,
+                                                blank_window=BLANK_WINDOW)
+            textured = (textured >= self.conf["min_textured"]) & (blank <= self.conf["max_blank"])
+            levels.append({"keypoints_xy": xy[textured], "descriptors": desc[textured], "scores": scores[textured],
+                           "scales": np.full(int(textured.sum()), base_scale * s, np.float32)})
         out = select_top(levels, self.conf["max_feature_num"]) if levels else _empty(self.dim)
         out["descriptors"] = _l2n(out["descriptors"]).reshape(-1, self.dim)
         return out
@@ -100,16 +131,17 @@ class DelfHub:
         self.module = hub.load(handle).signatures["default"]
         self.identity = backend_identity(conf)
 
-    def __call__(self, rgb: np.ndarray) -> dict:
+    def __call__(self, rgb: np.ndarray, scales=None) -> dict:
+        """Keypoints of one image (see `DenseLite0.__call__`; `scales` replaces DELF's pyramid)."""
         import tensorflow as tf
 
-        base, _ = resize_max_side(rgb, self.conf["resize_max"])
+        base, _ = resize_long_side(rgb, self.conf["resize_to"])
         h0, w0 = rgb.shape[:2]
         bh, bw = base.shape[:2]
         out = self.module(
             image=tf.constant(base.astype(np.float32) / 255.0),
             score_threshold=tf.constant(float(self.conf["score_threshold"])),
-            image_scales=tf.constant(self.conf["image_scales"], tf.float32),
+            image_scales=tf.constant(self.conf["image_scales"] if scales is None else scales, tf.float32),
             max_feature_num=tf.constant(int(self.conf["max_feature_num"])))
         yx = np.asarray(out["locations"], np.float32).reshape(-1, 2)
         desc = np.asarray(out["descriptors"], np.float32).reshape(len(yx), -1)
@@ -140,8 +172,10 @@ class Sift:
             self._local.sift = cv2.SIFT_create(nfeatures=int(self.conf["max_feature_num"]))
         return self._local.sift
 
-    def __call__(self, rgb: np.ndarray) -> dict:
-        base, _ = resize_max_side(rgb, self.conf["resize_max"])
+    def __call__(self, rgb: np.ndarray, scales=None) -> dict:
+        """Keypoints of one image (see `DenseLite0.__call__`); SIFT's own scale space
+        replaces `scales`."""
+        base, _ = resize_long_side(rgb, self.conf["resize_to"])
         h0, w0 = rgb.shape[:2]
         bh, bw = base.shape[:2]
         if min(bh, bw) < self.conf["min_side"]:

@@ -33,28 +33,50 @@ default_conf = {
     "backend": "delf-lite0",  # delf-lite0 | delf-hub | sift
     "weights_dir": None,  # delf-lite0: trained model directory with an attention head
     "hub_handle": None,  # delf-hub: module URL or local directory (default tfhub.dev/google/delf/1)
-    "resize_max": 1024,  # longest image side in pixels before the pyramid
+    # The range the image's longer side is brought into before the pyramid (pixels): large
+    # files shrunk to 1024, small ones enlarged to 512, so the features depend little on the
+    # file's resolution. Without enlarging, grocery_store's 348 px photos gave 87-246 px
+    # levels and reranking lost mAP (0.531 -> 0.286); enlarging everything to 1024 took the
+    # small pyramid levels from smvs_dvd's 500 px cover scans, which phone photos of small
+    # covers match (true/best-wrong inliers of its hardest queries 13-36 / 18-37 against
+    # 26-53 / 16-29).
+    "resize_to": [512, 1024],
     # DELF's pyramid less its top level: on smvs_dvd scale 1.0 doubled extraction time
     # (0.50 -> 0.24 s per reference) for the same reranked mAP (1.0).
     "image_scales": [0.25, 0.3536, 0.5, 0.7071],
     "max_feature_num": 1000,
     "score_threshold": 100.0,  # delf-hub only: DELF's attention threshold
-    "min_side": 16,  # pyramid levels smaller than this (pixels) are skipped
+    "min_side": 8,  # pyramid levels smaller than this (pixels) are skipped
+    # delf-lite0: a cell is a keypoint when at least `min_textured` of the 33 px square
+    # around it has a gray-level std of `min_contrast` (0-255) in 9 px patches and at most
+    # `max_blank` of it is flat white (`keypoints.texture_fractions`): blank backgrounds and
+    # the outlines of shots on white give no keypoints (two unrelated photos pasted at the
+    # same place of white canvases verified with 368 inliers without this).
+    "min_contrast": 8.0,
+    "min_textured": 0.5,
+    "max_blank": 0.2,
     "pca_dim": 40,  # delf-lite0: PCA learned on reference features
     "pca_max_images": 60,
-    # Queries are also described rotated by these angles (DELF features are not rotation
-    # invariant and phone photos of products are often taken sideways).
-    "query_rotations": [0, 90, 270],
+    # Queries are also described rotated by these angles (counter-clockwise; DELF features
+    # are not rotation invariant, and phone photos come in any orientation). The unrotated
+    # query gets the whole pyramid, the rotated copies three levels: four orientations then
+    # cost 0.94 + 3 x 0.63 = 2.82 units of a 1024 px level, what three full ones cost
+    # before (2.81; smvs_dvd's 100 queries took 58.6 s against 58.5 s). Levels 0.3-0.6 rather
+    # than 0.25-0.5 for the sideways copies: the true inliers of its hardest sideways
+    # queries went from 15-33 to 21-67.
+    "query_rotations": [0, 90, 180, 270],
+    "rotated_scales": [0.3, 0.42, 0.6],
 }
 
 confs = {
     "delf-lite0": {},
-    "delf-hub": {"backend": "delf-hub", "image_scales": [0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0]},
+    "delf-hub": {"backend": "delf-hub", "image_scales": [0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0],
+                 "rotated_scales": [0.3, 0.42, 0.6, 0.85, 1.2]},
     "sift": {"backend": "sift", "query_rotations": [0]},
 }
 
 
-def describe(backend, rgb: np.ndarray, rotations, pca: dict | None) -> dict:
+def describe(backend, rgb: np.ndarray, rotations, pca: dict | None, rotated_scales=None) -> dict:
     """Local features of one image, at each rotation, keypoints in original pixels.
 
     Args:
@@ -62,19 +84,20 @@ def describe(backend, rgb: np.ndarray, rotations, pca: dict | None) -> dict:
         rgb: uint8 [H, W, 3].
         rotations: counter-clockwise angles (multiples of 90) to describe the image at.
         pca: {"mean", "projection"} applied to the descriptors (then L2-normalised).
+        rotated_scales: pyramid levels of the rotated copies (default: the backend's own).
 
     Returns:
         The entry arrays documented in the module docstring.
     """
-    return _finish(_describe_raw(backend, rgb, rotations), pca)
+    return _finish(_describe_raw(backend, rgb, rotations, rotated_scales), pca)
 
 
-def _describe_raw(backend, rgb: np.ndarray, rotations) -> dict:
+def _describe_raw(backend, rgb: np.ndarray, rotations, rotated_scales=None) -> dict:
     """`describe` before the PCA: descriptors float32 [N, backend.dim]."""
     h, w = rgb.shape[:2]
     parts = []
     for degrees in rotations:
-        feats = backend(rotate_image(rgb, degrees))
+        feats = backend(rotate_image(rgb, degrees), scales=rotated_scales if degrees % 360 else None)
         feats["keypoints_xy"] = unrotate_points(feats["keypoints_xy"], degrees, (w, h))
         feats["rotations"] = np.full(len(feats["keypoints_xy"]), degrees, np.int16)
         parts.append(feats)
@@ -251,7 +274,8 @@ def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path
             continue
         backend_now = get_backend()  # built here, before any worker thread needs it
         stats = extract_to_store(store, {n: images[n] for n in todo},
-                                 lambda rgb, r=rotations, b=backend_now: describe(b, rgb, r, pca),
+                                 lambda rgb, r=rotations, b=backend_now: describe(b, rgb, r, pca,
+                                                                                  conf["rotated_scales"]),
                                  desc=f"local features ({label})", workers=backend_now.image_workers)
         n_kp = [len(store.read(n)["keypoints_xy"]) for n in todo if n not in stats["failed"]]
         logger.info("local features (%s): %.1f keypoints per image (%s)", label,
@@ -262,7 +286,8 @@ def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path
 
 def cli(argv=None):
     parser = stage_parser(__doc__, confs, "delf-lite0")
-    parser.add_argument("--pairs", type=Path, required=True, help="shortlist file from stage 1")
+    parser.add_argument("--pairs", type=Path, required=True,
+                        help="shortlist file from stage 1 (pairs-global-top*.txt or pairs-calibration.txt)")
     parser.add_argument("--data", type=Path, required=True, help="data folder (hackathon layout)")
     args = parser.parse_args(argv)
     setup_logging()
@@ -276,7 +301,8 @@ def cli(argv=None):
     # ones are listed in the skipped.json that stage 1 wrote beside the shortlist.
     skipped = args.pairs.parent / "skipped.json"
     unreadable = set(json.loads(skipped.read_text())["references"]) if skipped.exists() else set()
-    print(main(conf, args.pairs, dataset.images, args.cache, args.overwrite, args.shard,
+    images = {**dataset.images, **dataset.training_images()[0]}  # a calibration shortlist pairs training images
+    print(main(conf, args.pairs, images, args.cache, args.overwrite, args.shard,
                references=[r for r in dataset.references if r not in unreadable]))
 
 

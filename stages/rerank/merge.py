@@ -2,9 +2,9 @@
 
 Only the first `top_k` positions of each query's global ranking are reordered; below them
 the global order is kept, and every reference appears exactly once in every list. The
-merge reads cached counts (`verify.main`), so changing the rule, `top_k`, `min_inliers`
-or `weight` reranks without matching again. `main` writes the final ``rankings.json``
-({query: [every reference, best first]}).
+merge reads cached counts (`verify.main`), so changing the rule, `top_k`, `min_inliers`,
+`weight` or the calibration reranks without matching again. `main` writes the final
+``rankings.json`` ({query: [every reference, best first]}).
 """
 
 import argparse
@@ -15,13 +15,17 @@ import numpy as np
 from stages.common import logger, setup_logging
 from stages.common.cache import FeatureStore, atomic_write_json
 from stages.common.conf import resolve
-from stages.common.shortlist import order_to_names, read_pairs, read_ranking
+from stages.common.shortlist import order_to_names, read_ranking
 
-RULES = ("delg", "weighted")
+from . import calibrate
+from .inliers import load_inliers
+
+RULES = ("calibrated", "delg", "weighted")
 INLIER_CAP = 70  # inliers at which the weighted rule's bonus saturates
 
-default_conf = {"rule": "delg", "min_inliers": 15, "weight": 0.5}
-confs = {"delg": {}, "weighted": {"rule": "weighted"}}
+# min_inliers and weight: the delg and weighted rules; calibrated uses the calibration.
+default_conf = {"rule": "calibrated", "min_inliers": 25, "weight": 0.5}
+confs = {"calibrated": {}, "delg": {"rule": "delg"}, "weighted": {"rule": "weighted"}}
 
 
 def _inlier_matrix(inliers, n_queries: int, k: int) -> np.ndarray:
@@ -37,13 +41,20 @@ def _inlier_matrix(inliers, n_queries: int, k: int) -> np.ndarray:
 
 
 def rerank(order: np.ndarray, global_scores: np.ndarray, inliers, top_k: int, rule: str = "delg",
-           min_inliers: int = 25, weight: float = 0.5) -> np.ndarray:
+           min_inliers: int = 25, weight: float = 0.5, calibration: dict | None = None) -> np.ndarray:
     """Reorders the top-k of each global ranking by geometric verification.
 
-    Rules, applied to positions < top_k only (a pair counts as verified when its inliers
-    are >= max(min_inliers, 1); unverified pairs count 0 inliers):
+    Rules, applied to positions < top_k only:
 
-    - "delg" (default; Cao et al., "Unifying Deep Local and Global Features for Image
+    - "calibrated" (the pipeline's default): by the probability that the pair shows the
+      same product given its global score and inliers (`calibrate.logit`, fitted on the
+      training classes), descending; ties keep the global order. Where verification is
+      weak evidence on the training pairs, references stay near their global rank.
+
+    For the two fixed rules a pair counts as verified when its inliers are
+    >= max(min_inliers, 1); unverified pairs count 0 inliers:
+
+    - "delg" (Cao et al., "Unifying Deep Local and Global Features for Image
       Search", ECCV 2020, as in tensorflow/models research/delf ``image_reranking.py``,
       which sorts by (inliers, global score)): verified pairs first, by inlier count
       descending; ties and the unverified rest keep their global order.
@@ -58,9 +69,11 @@ def rerank(order: np.ndarray, global_scores: np.ndarray, inliers, top_k: int, ru
             references at positions 0, 1, ... of each row of `order`; positions beyond a
             row's length (up to top_k) count as unverified.
         top_k: positions reordered per query; the rest keep the global order.
-        rule: "delg" or "weighted".
-        min_inliers: fewest inliers for a pair to count as verified.
+        rule: "calibrated", "delg" or "weighted".
+        min_inliers: delg and weighted: fewest inliers for a pair to count as verified.
         weight: the weighted rule's inlier weight, in global-score units.
+        calibration: the "calibrated" rule's `calibrate.fit` result (default
+            `calibrate.DEFAULT`).
 
     Returns:
         int32 [Q, R] reordered reference indices; each row is a permutation of the row of
@@ -80,8 +93,17 @@ def rerank(order: np.ndarray, global_scores: np.ndarray, inliers, top_k: int, ru
     n_queries, n_refs = order.shape
     k = min(top_k, n_refs)
     counts = _inlier_matrix(inliers, n_queries, k)
-    counts[counts < max(min_inliers, 1)] = 0
     position = np.broadcast_to(np.arange(k), (n_queries, k))
+    if rule == "calibrated":
+        scored = np.isfinite(global_scores[:, :k])  # -inf: unreadable references, which stay last
+        primary = np.full((n_queries, k), np.inf)
+        primary[scored] = -calibrate.logit(calibration or calibrate.DEFAULT, global_scores[:, :k][scored],
+                                           counts[scored])
+        top = np.lexsort((position, primary), axis=-1)
+        out = np.array(order, np.int32, copy=True)
+        out[:, :k] = np.take_along_axis(order[:, :k], top, axis=1)
+        return out
+    counts[counts < max(min_inliers, 1)] = 0
     if rule == "delg":
         primary = -counts.astype(np.float64)  # unverified: 0 > any -n, so after verified ones
     else:
@@ -90,35 +112,6 @@ def rerank(order: np.ndarray, global_scores: np.ndarray, inliers, top_k: int, ru
     top = np.lexsort((position, primary), axis=-1)
     out = np.array(order, np.int32, copy=True)
     out[:, :k] = np.take_along_axis(order[:, :k], top, axis=1)
-    return out
-
-
-def load_inliers(store, pairs) -> dict[str, dict[str, int]]:
-    """Cached inlier counts of the pairs of a shortlist.
-
-    Args:
-        store: the inlier cache (a `FeatureStore`, or its folder as returned by
-            `verify.main`).
-        pairs: {query: [references]} or a shortlist file path (`read_pairs`).
-
-    Returns:
-        {query: {reference: inliers}} for the pairs that are cached; pairs that are not
-        (not verified yet, or local features missing) are left out and counted in a
-        warning.
-    """
-    if not isinstance(store, FeatureStore):
-        store = FeatureStore.open(Path(store))
-    if not isinstance(pairs, dict):
-        pairs = read_pairs(pairs)
-    out, missing = {}, 0
-    for query, refs in pairs.items():
-        entry = store.read_or_none(query)
-        cached = {} if entry is None else dict(zip(entry["ref_names"].tolist(), entry["inliers"].tolist(),
-                                                   strict=True))
-        out[query] = {r: int(cached[r]) for r in refs if r in cached}
-        missing += len(set(refs)) - len(out[query])
-    if missing:
-        logger.warning("%d shortlisted pairs have no cached inlier count (treated as unverified)", missing)
     return out
 
 
@@ -159,7 +152,8 @@ def verified_depth(query_names, ref_names, order: np.ndarray, inliers: dict[str,
     return depth
 
 
-def main(conf: dict, ranking_path: Path, pairs_paths, inliers_dir: Path, out_dir: Path) -> Path:
+def main(conf: dict, ranking_path: Path, pairs_paths, inliers_dir: Path, out_dir: Path,
+         calibration_path: Path | None = None) -> Path:
     """Reranks the global ranking by the inlier counts of the verified shortlists.
 
     Args:
@@ -169,6 +163,8 @@ def main(conf: dict, ranking_path: Path, pairs_paths, inliers_dir: Path, out_dir
             deeper windows), "query<TAB>reference" lines.
         inliers_dir: the inlier cache folder (`verify.main`).
         out_dir: where ``rankings.json`` is written.
+        calibration_path: ``calibration.json`` (`calibrate.main`) for the "calibrated"
+            rule; None applies `calibrate.DEFAULT`.
 
     Returns:
         The ``rankings.json`` path: {query: [every reference, best first]}.
@@ -188,7 +184,7 @@ def main(conf: dict, ranking_path: Path, pairs_paths, inliers_dir: Path, out_dir
     depth = verified_depth(query_names, ref_names, ranking["order"], inliers)
     order = rerank(ranking["order"], ranking["scores"],
                    align_inliers(query_names, ref_names, ranking["order"], inliers, depth),
-                   depth, conf["rule"], conf["min_inliers"], conf["weight"])
+                   depth, conf["rule"], conf["min_inliers"], conf["weight"], calibrate.read(calibration_path))
     path = Path(out_dir) / "rankings.json"
     atomic_write_json(path, order_to_names(order, query_names, ref_names))
     return path
@@ -202,9 +198,12 @@ def cli(argv=None):
     parser.add_argument("--inliers", type=Path, required=True,
                         help="inlier cache folder from verification (cache/rerank/<conf>-<hash>/)")
     parser.add_argument("--output", type=Path, required=True, help="folder for rankings.json")
-    parser.add_argument("--conf", default="delg", choices=sorted(confs),
-                        help="delg: verified references first by inlier count, then the global order; "
-                             "weighted: global score + weight * min(inliers, 70) / 70")
+    parser.add_argument("--conf", default="calibrated", choices=sorted(confs),
+                        help="calibrated: by the probability of the same product given global score and "
+                             "inliers (--calibration); delg: verified references first by inlier count, then the "
+                             "global order; weighted: global score + weight * min(inliers, 70) / 70")
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="calibration.json of the run (default: the documented fallback, calibrate.DEFAULT)")
     parser.add_argument("--min-inliers", type=int, default=default_conf["min_inliers"],
                         help="inliers for a reference to count as verified")
     parser.add_argument("--weight", type=float, default=default_conf["weight"],
@@ -212,7 +211,7 @@ def cli(argv=None):
     args = parser.parse_args(argv)
     setup_logging()
     conf = resolve(default_conf, confs, args.conf, {"min_inliers": args.min_inliers, "weight": args.weight})
-    print(main(conf, args.ranking, args.pairs, args.inliers, args.output))
+    print(main(conf, args.ranking, args.pairs, args.inliers, args.output, args.calibration))
 
 
 if __name__ == "__main__":

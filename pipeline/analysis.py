@@ -1,0 +1,97 @@
+"""Whether verification can be trusted on a data set: ``verification_stats.json``.
+
+For every verified (query, reference) pair of a run: its inliers and its calibrated
+probability of showing the same product. With ground truth, the distributions of both
+for the true and the false pairs and the ROC AUC of each (the probability that a random true
+pair scores above a random false one, Mann-Whitney; 0.5 is chance), so a user sees whether
+reranking helps on their data before trusting it.
+"""
+
+import numpy as np
+from scipy.stats import mannwhitneyu
+
+from stages.common.cache import FeatureStore, atomic_write_json
+from stages.common.shortlist import read_pairs, read_ranking
+from stages.rerank import calibrate
+from stages.rerank.inliers import load_inliers
+
+INLIER_BINS = [0, 1, 10, 20, 30, 40, 60, 80, 120, 200, 400, 1000000]
+
+
+def roc_auc(positive, negative) -> float | None:
+    """ROC AUC of scores of positive vs negative items (ties count half); None when either
+    side is empty."""
+    positive, negative = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
+    if len(positive) == 0 or len(negative) == 0:
+        return None
+    return float(mannwhitneyu(positive, negative).statistic / (len(positive) * len(negative)))
+
+
+def _histogram(values) -> dict[str, int]:
+    counts, _ = np.histogram(np.asarray(values, np.float64), bins=INLIER_BINS)
+    edges = INLIER_BINS
+    return {f"{edges[i]}-{edges[i + 1] - 1}" if i + 2 < len(edges) else f"{edges[i]}+": int(c)
+            for i, c in enumerate(counts)}
+
+
+def verification_stats(ranking_path, pairs_paths, inliers_dir, calibration_path, ground_truth, out_path) -> dict:
+    """Writes ``verification_stats.json`` and returns it.
+
+    Args:
+        ranking_path: the global ranking (its scores enter the probability).
+        pairs_paths: the verified shortlist files.
+        inliers_dir: the inlier cache folder.
+        calibration_path: ``calibration.json`` or None (`calibrate.DEFAULT`).
+        ground_truth: {query: set of relevant references} or None.
+        out_path: the JSON file to write.
+
+    Returns:
+        {"pairs", "calibration", "verified" (pairs above the calibration's inlier hinge),
+         "inliers_histogram"} and, with ground truth, {"true_pairs", "false_pairs",
+         "roc_auc_inliers", "roc_auc_probability", "inliers_histogram_true",
+         "inliers_histogram_false", "verified_true", "verified_false"}.
+    """
+    calibration = calibrate.read(calibration_path)
+    ranking = read_ranking(ranking_path)
+    row = {q: i for i, q in enumerate(ranking["query_names"].tolist())}
+    position = {}
+    store = FeatureStore.open(inliers_dir)
+    pairs: list[tuple[str, str, int]] = []
+    for path in pairs_paths:
+        for query, counts in load_inliers(store, read_pairs(path)).items():
+            pairs.extend((query, ref, n) for ref, n in counts.items())
+    pairs = list({(q, r): (q, r, n) for q, r, n in pairs}.values())
+    ref_names = ranking["ref_names"].tolist()
+    scores = []
+    for q, r, _ in pairs:
+        i = row[q]
+        if i not in position:
+            position[i] = {ref_names[j]: p for p, j in enumerate(ranking["order"][i])}
+        scores.append(ranking["scores"][i, position[i][r]])
+    inliers = np.array([n for _, _, n in pairs], np.float64)
+    probability = calibrate.probability(calibration, np.array(scores, np.float64), inliers) if pairs else np.zeros(0)
+    verified = inliers > calibration["min_inliers"]
+    stats = {"pairs": len(pairs), "calibration": calibration, "verified": int(verified.sum()),
+             "inliers_histogram": _histogram(inliers)}
+    if ground_truth is not None:
+        same = np.array([r in ground_truth.get(q, set()) for q, r, _ in pairs], bool)
+        stats.update({
+            "true_pairs": int(same.sum()), "false_pairs": int((~same).sum()),
+            "roc_auc_inliers": roc_auc(inliers[same], inliers[~same]),
+            "roc_auc_probability": roc_auc(probability[same], probability[~same]),
+            "inliers_histogram_true": _histogram(inliers[same]), "inliers_histogram_false": _histogram(inliers[~same]),
+            "verified_true": int((verified & same).sum()), "verified_false": int((verified & ~same).sum())})
+    atomic_write_json(out_path, stats)
+    return stats
+
+
+def summary_line(stats: dict) -> str:
+    """One line for the run summary."""
+    calibration = stats["calibration"]
+    line = (f"verification: {stats['verified']} of {stats['pairs']} pairs above {calibration['min_inliers']:g} "
+            f"inliers ({calibration['source']})")
+    if stats.get("roc_auc_inliers") is not None:
+        line += (f"; true pairs {stats['verified_true']} of {stats['true_pairs']} verified, false pairs "
+                 f"{stats['verified_false']} of {stats['false_pairs']}; ROC AUC inliers "
+                 f"{stats['roc_auc_inliers']:.3f}, probability {stats['roc_auc_probability']:.3f}")
+    return line
