@@ -14,10 +14,14 @@ from stages.common.backbone.efficientnet_lite import feature_centers
 
 from .geometry import rescale_points
 
-# Gray level (0-255) at and above which a flat patch is blank white background: a catalogue
-# shot's, not the cream or light grey of a printed design (smvs_dvd covers lost their
+# Gray level (0-255) at and above which a flat patch is blank white: a catalogue shot's
+# background, not the cream or light grey of a printed design (smvs_dvd covers lost their
 # matches at 240).
 BLANK_LEVEL = 250
+# Blank patches are background only where, connected to the image border, they cover at
+# least this share of the image: the white surround of a product shot, not the thin white
+# margin of a cover scan or a white area of a design.
+MIN_BACKGROUND = 0.2
 
 
 def texture_fractions(rgb: np.ndarray, centers_xy: np.ndarray, window: int, contrast: float,
@@ -27,8 +31,9 @@ def texture_fractions(rgb: np.ndarray, centers_xy: np.ndarray, window: int, cont
     much is blank background.
 
     A `patch` x `patch` neighbourhood is textured when its gray levels have a standard
-    deviation of at least `contrast`, and blank when it is flat and white (mean gray level
-    >= `BLANK_LEVEL`), as the background of a catalogue shot is. A keypoint
+    deviation of at least `contrast`, and background when it is flat and white (mean gray
+    level >= `BLANK_LEVEL`) and part of a white area connected to the image border that
+    covers at least `MIN_BACKGROUND` of the image, as the surround of a catalogue shot is. A keypoint
     on a textureless region (a white background, a black frame, a wall) has a low textured
     fraction; one on the outline of a product shot on white has a large blank fraction, and
     its descriptor, which mostly sees "an edge against white", matches the outline of any
@@ -56,13 +61,22 @@ def texture_fractions(rgb: np.ndarray, centers_xy: np.ndarray, window: int, cont
     mean = cv2.boxFilter(gray, -1, (patch, patch), borderType=cv2.BORDER_REFLECT)
     mean_sq = cv2.boxFilter(gray * gray, -1, (patch, patch), borderType=cv2.BORDER_REFLECT)
     textured = mean_sq - mean * mean >= contrast * contrast
-    blank = ~textured & (mean >= BLANK_LEVEL)
+    blank = _background(~textured & (mean >= BLANK_LEVEL))
     h, w = gray.shape
     x = np.clip(np.round(centers_xy[:, 0]), 0, w - 1).astype(np.int64)
     y = np.clip(np.round(centers_xy[:, 1]), 0, h - 1).astype(np.int64)
     side = blank_window or window
     return (cv2.boxFilter(textured.astype(np.float32), -1, (window, window), borderType=cv2.BORDER_REFLECT)[y, x],
             cv2.boxFilter(blank.astype(np.float32), -1, (side, side), borderType=cv2.BORDER_REFLECT)[y, x])
+
+
+def _background(blank: np.ndarray) -> np.ndarray:
+    """The blank pixels connected to the image border, when they cover `MIN_BACKGROUND` of
+    the image; none otherwise."""
+    _, labels = cv2.connectedComponents(blank.astype(np.uint8), connectivity=4)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    background = np.isin(labels, edge[edge > 0])
+    return background if background.mean() >= MIN_BACKGROUND else np.zeros_like(blank)
 
 
 def cell_centers(map_hw, layers, input_hw) -> np.ndarray:
