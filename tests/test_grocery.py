@@ -25,7 +25,7 @@ DATA = SHARED / "grocery_store"
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} not present")]
 
 
-def test_reranking_helps_packages_and_leaves_produce_alone(tmp_path, weights_cache):
+def test_reranking_helps_packages_and_keeps_produce_near_global(tmp_path, weights_cache):
     assert main(["--data", str(DATA), "--output", str(tmp_path), "--cache", str(weights_cache)]) == 0
     rankings = json.loads((tmp_path / "rankings.json").read_text())
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
@@ -36,9 +36,10 @@ def test_reranking_helps_packages_and_leaves_produce_alone(tmp_path, weights_cac
     truth = {kind: read_ground_truth(DATA / "test" / f"ground_truth_{kind}.csv") for kind in ("packages", "produce")}
     scores = {kind: (evaluate(rankings, t)["mAP"], evaluate(global_rankings, t)["mAP"]) for kind, t in truth.items()}
     assert scores["packages"][0] > scores["packages"][1] + 0.03, scores
-    # Produce cannot be verified (other fruit of the variety): the order stays within noise
-    # of the global one (measured: 0.5893 vs 0.5904; two queries lose to a photo of the same
-    # stall, whose background verifies, one gains).
+    # Produce cannot be verified (other fruit of the variety): 6 of its 20000 pairs pass the
+    # calibration's hinge, so the order stays within noise of the global one. Not >= global:
+    # measured 0.5893 vs 0.5904, two queries losing to a photo of another variety taken at
+    # the same stall (the stall verifies, 45 and 60 inliers), one gaining.
     assert scores["produce"][0] >= scores["produce"][1] - 0.005, scores
     assert (tmp_path / "calibration.json").exists()
 
