@@ -10,6 +10,7 @@ from stages.common import logger, setup_logging
 from stages.common.cache import CacheMismatchError
 from stages.common.conf import resolve
 from stages.common.dataset import LayoutError, load_dataset
+from stages.global_embed import expansion as global_expansion
 from stages.global_embed import extract as global_extract
 from stages.local_delf import extract as local_extract
 from stages.rerank import verify as rerank_verify
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--whiten-dim", type=int, default=512, help="dimensions kept by the whitening")
     g.add_argument("--no-query-regions", dest="query_regions", action="store_false",
                    help="score references with the whole-query descriptor only, not the best query region")
+    global_expansion.add_arguments(g)
     g.add_argument("--top-k", type=int, default=100,
                    help="shortlist length per query handed to the local-feature and rerank stages")
     g = parser.add_argument_group("stage 2: local features")
@@ -147,7 +149,7 @@ def config_from_args(args) -> RunConfig:
                      rerank_conf=rerank_conf, workers=args.workers, top_k=args.top_k, expand_to=args.expand_to,
                      expand_below=args.expand_below,
                      whitening=args.whitening, whiten_dim=args.whiten_dim, query_regions=args.query_regions,
-                     cache=args.cache, overwrite=args.overwrite)
+                     expansion=global_expansion.conf_from_args(args), cache=args.cache, overwrite=args.overwrite)
 
 
 def print_summary(result: dict, out_dir: Path, seconds: float) -> None:

@@ -15,6 +15,7 @@ from stages.common.cache import atomic_write_json, remove_stale_temp_files
 from stages.common.conf import conf_hash
 from stages.common.dataset import Dataset
 from stages.common.shortlist import order_to_names, read_pairs, read_ranking, write_pairs
+from stages.global_embed import expansion as global_expansion
 from stages.global_embed import extract as global_extract
 from stages.global_embed import rank as global_rank
 from stages.local_delf import extract as local_extract
@@ -45,6 +46,8 @@ class RunConfig:
     whitening: str = "auto"  # auto | learned | pca | none
     whiten_dim: int = 512
     query_regions: bool = True
+    # DBA over the references and alpha-QE (`stages.global_embed.expansion`)
+    expansion: dict = field(default_factory=lambda: dict(global_expansion.default_conf))
     cache: Path = Path("cache")
     overwrite: bool = False
 
@@ -52,13 +55,13 @@ class RunConfig:
     def rank_conf(self) -> dict:
         """The conf of the global ranking step (`stages.global_embed.rank`)."""
         return {"name": self.whitening, "top_k": self.top_k, "whitening": self.whitening,
-                "whiten_dim": self.whiten_dim, "query_regions": self.query_regions}
+                "whiten_dim": self.whiten_dim, "query_regions": self.query_regions, **self.expansion}
 
     def as_dict(self) -> dict:
         return {"stages": list(self.stages), "global": self.global_conf, "local": self.local_conf,
                 "rerank": self.rerank_conf, "top_k": self.top_k, "expand_to": self.expand_to,
                 "expand_below": self.expand_below, "whitening": self.whitening,
-                "whiten_dim": self.whiten_dim, "query_regions": self.query_regions}
+                "whiten_dim": self.whiten_dim, "query_regions": self.query_regions, "expansion": self.expansion}
 
 
 def check_stages(stages) -> tuple[str, ...]:
