@@ -13,6 +13,7 @@ from stages.common.dataset import LayoutError, load_dataset
 from stages.global_embed import expansion as global_expansion
 from stages.global_embed import extract as global_extract
 from stages.local_delf import extract as local_extract
+from stages.rerank import verified_qe as rerank_verified_qe
 from stages.rerank import verify as rerank_verify
 
 from .analysis import summary_line
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-inliers", type=int, default=None,
                    help="--merge delg and weighted: inliers for a shortlisted reference to count as verified "
                         "(default: 25)")
+    rerank_verified_qe.add_arguments(g)
     g.add_argument("--expand-to", type=int, default=300,
                    help="queries with no top-k reference likely to be the same product (--expand-below) get the "
                         "next top-k references verified too, window by window, down to this rank (set it to "
@@ -144,6 +146,7 @@ def config_from_args(args) -> RunConfig:
         merge["min_inliers"] = args.min_inliers
     if args.merge:
         merge["rule"] = args.merge
+    merge.update(rerank_verified_qe.conf_from_args(args))
     rerank_conf = resolve(rerank_verify.default_conf, rerank_verify.confs, args.rerank, {"merge": merge})
     return RunConfig(stages=parse_stages(args.stages), global_conf=global_conf, local_conf=local_conf,
                      rerank_conf=rerank_conf, workers=args.workers, top_k=args.top_k, expand_to=args.expand_to,

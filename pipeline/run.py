@@ -257,7 +257,7 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
         inlier_dir, windows = verify_with_expansion(rc, dataset, out_dir, ranking_path, pairs_path, local_dir,
                                                     timings, rerank_calibrate.read(calibration), unreadable, backend)
         rankings_path = rerank_merge.main(rc.rerank_conf["merge"], ranking_path, windows, inlier_dir, out_dir,
-                                          calibration)
+                                          calibration, out_dir / global_rank.REFERENCE_DESCRIPTORS)
         rankings_by_stage["rerank"] = json.loads(rankings_path.read_text())
         write_nsml_results(out_dir, rankings_by_stage["rerank"])
         verification = verification_stats(ranking_path, windows, inlier_dir, calibration, dataset.ground_truth,

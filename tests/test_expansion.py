@@ -79,3 +79,32 @@ def test_ranking_with_dba_hand_computed():
     order, scores = rank_globally(["q"], names, features, None, True, dict(off, dba_k=1))
     assert [names[i] for i in order[0]] == ["a", "c", "b"]
     np.testing.assert_allclose(scores[0, :2], [1.376 / np.hypot(1.36, 0.48), 1.44 / np.hypot(0.6, 1.6)], atol=1e-5)
+
+
+def test_verified_query_expansion_hand_computed():
+    from stages.rerank.verified_qe import expand
+
+    # Five references in 2-D; the merged ranking of the one query is [0, 1, 2, 3, 4] and
+    # reference 1 is its confident verification. Below it: score + d_1 . d_r, d_1 = (0, 1):
+    # r2 0.5 + 0.0 = 0.5, r3 0.4 + 0.6 = 1.0, r4 0.3 + 0.8 = 1.1 -> [4, 3, 2].
+    refs = np.array([[1, 0], [0, 1], [1, 0], [0.8, 0.6], [0.6, 0.8]], np.float32)
+    order = np.array([[0, 1, 2, 3, 4]])
+    scores = np.array([[0.9, 0.2, 0.5, 0.4, 0.3]], np.float32)
+    confident = np.array([[False, True, False, False, False]])
+    np.testing.assert_array_equal(expand(order, scores, confident, refs, n=1), [[0, 1, 4, 3, 2]])
+    np.testing.assert_array_equal(expand(order, scores, confident, refs, n=0), order)
+    np.testing.assert_array_equal(expand(order, scores, np.zeros_like(confident), refs, n=1), order)
+    # two confident references (1 and 3): the expansion d_1 + d_3 = (0.8, 1.6) ranks what is
+    # below position 3: only r4 is left
+    both = confident | (np.arange(5) == 3)
+    np.testing.assert_array_equal(expand(order, scores, both, refs, n=2), order)
+    # with n = 1 only the first confident one expands; an unreadable reference (-inf) stays last
+    scores[0, 4] = -np.inf
+    np.testing.assert_array_equal(expand(order, scores, both, refs, n=1), [[0, 1, 3, 2, 4]])
+
+
+def test_verified_query_expansion_rejects_mismatched_shapes():
+    from stages.rerank.verified_qe import expand
+
+    with pytest.raises(ValueError, match="disagree"):
+        expand(np.zeros((1, 3), int), np.zeros((1, 2)), np.zeros((1, 3), bool), np.zeros((3, 2)), 1)

@@ -35,11 +35,11 @@ def test_reranking_helps_packages_and_keeps_produce_near_global(tmp_path, weight
     global_rankings = load_rankings(tmp_path / "global_ranking.npz")
     truth = {kind: read_ground_truth(DATA / "test" / f"ground_truth_{kind}.csv") for kind in ("packages", "produce")}
     scores = {kind: (evaluate(rankings, t)["mAP"], evaluate(global_rankings, t)["mAP"]) for kind, t in truth.items()}
-    # measured 0.5725 vs 0.5512 (Recall@1 0.52 -> 0.73)
-    assert scores["packages"][0] > scores["packages"][1] + 0.01, scores
+    # measured 0.6074 vs 0.5512 (merge alone 0.5725, then the verified query expansion)
+    assert scores["packages"][0] > scores["packages"][1] + 0.03, scores
     # Produce cannot be verified (other fruit of the variety): a handful of its pairs pass
     # the calibration's hinge, so the order stays within noise of the global one. Not >=
-    # global: measured 0.6871 vs 0.6902, the largest loss a query whose photo of the
+    # global: measured 0.6864 vs 0.6902, the largest loss a query whose photo of the
     # orange peppers' stall verifies (60 inliers) with a green pepper held in front of it.
     assert scores["produce"][0] >= scores["produce"][1] - 0.005, scores
     assert (tmp_path / "calibration.json").exists()

@@ -551,7 +551,8 @@ def test_nothing_written_outside_cache_and_output(messy_run):
     assert not (out / "rankings.json").is_symlink()
     assert {p.name for p in out.iterdir()} == {
         "config.json", "global_ranking.npz", "nsml_results.json", "pairs-global-top3.txt", "rankings.json",
-        "skipped.json", "verification_stats.json"} | {p.name for p in out.glob("pairs-global-top3-window*.txt")}
+        "skipped.json", "verification_stats.json", "reference_descriptors.npz"} | {
+        p.name for p in out.glob("pairs-global-top3-window*.txt")}
     cache = messy_run["cache"]
     for path in cache.rglob("*"):
         assert not path.is_symlink() and path.resolve().is_relative_to(cache.resolve())

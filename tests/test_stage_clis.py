@@ -33,7 +33,8 @@ def test_stage_commands_chain_to_the_pipeline_rankings(demo_data, weights_cache,
     (local_dir,) = printed_paths(capsys)
     rerank_verify.cli(["--pairs", pairs, "--features", local_dir, "--cache", cache, "--workers", "1"])
     (inlier_dir,) = printed_paths(capsys)
-    rerank_merge.cli(["--ranking", ranking, "--pairs", pairs, "--inliers", inlier_dir, "--output", str(out)])
+    rerank_merge.cli(["--ranking", ranking, "--pairs", pairs, "--inliers", inlier_dir, "--output", str(out),
+                      "--descriptors", str(out / "reference_descriptors.npz")])
     (rankings,) = printed_paths(capsys)
 
     assert json.loads(open(rankings).read()) == expected["rankings"]

@@ -7,6 +7,9 @@ the output folder:
 
 - ``global_ranking.npz``: the full ranking (`stages.common.shortlist.save_ranking`);
 - ``pairs-global-top{k}.txt``: the top-k shortlist that stages 2 and 3 read;
+- ``reference_descriptors.npz``: "ref_names" str [R], "descriptors" float16 [R, D], the
+  reference descriptors as ranked (whitened, after DBA; zero rows for unreadable ones),
+  for stage 3's verified query expansion;
 - ``skipped.json``: the unreadable queries and references and why
   ({"queries": {name: reason}, "references": {name: reason}}). An unreadable reference is
   ranked last (in name order) in every list and left out of the shortlist; an unreadable
@@ -44,6 +47,7 @@ default_conf = {
     **expansion.default_conf,  # DBA over the references, alpha-QE (off); see `expansion`
 }
 EXPANSION_KEYS = tuple(expansion.default_conf)
+REFERENCE_DESCRIPTORS = "reference_descriptors.npz"  # the references as ranked (whitened, after DBA)
 
 # Training pairs for the verification calibration (stage 3, `stages.rerank.calibrate`):
 # from `classes` classes (evenly spaced by name), `queries_per_class` images are queries and
@@ -118,7 +122,7 @@ def learn_whitening(mode: str, dim: int, ref_desc: np.ndarray, train_desc: np.nd
 
 
 def rank_globally(query_names, ref_names, features: dict, whitening: dict | None = None,
-                  query_regions: bool = True, expand: dict | None = None):
+                  query_regions: bool = True, expand: dict | None = None, with_references: bool = False):
     """Ranks every reference for every query by global descriptor similarity.
 
     References without a descriptor (unreadable) are ranked last, in name order; a query
@@ -132,16 +136,19 @@ def rank_globally(query_names, ref_names, features: dict, whitening: dict | None
         query_regions: score a reference by the best of the query's region descriptors.
         expand: "dba_k", "dba_alpha", "dba_iterations", "qe_k", "qe_alpha" (`expansion`),
             applied after the whitening; None: neither.
+        with_references: also return the reference descriptors the ranking used.
 
     Returns:
-        (order int32 [Q, R], scores float32 [Q, R]; -inf where no score exists).
+        (order int32 [Q, R], scores float32 [Q, R]; -inf where no score exists), and with
+        `with_references` the reference descriptors float32 [R, D] as ranked (whitened,
+        augmented; zero rows for references without a descriptor, D = 0 when none has one).
     """
     ok_refs = np.array([i for i, n in enumerate(ref_names) if n in features], dtype=np.int64)
     ok_queries = np.array([i for i, n in enumerate(query_names) if n in features], dtype=np.int64)
     order = np.tile(np.arange(len(ref_names), dtype=np.int32), (len(query_names), 1))
     scores = np.full(order.shape, -np.inf, np.float32)
     if len(ok_refs) == 0 or len(ok_queries) == 0:
-        return order, scores
+        return (order, scores, np.zeros((len(ref_names), 0), np.float32)) if with_references else (order, scores)
     key = "region_descriptors" if query_regions else "descriptor"
     ref_desc = np.stack([features[ref_names[i]]["descriptor"] for i in ok_refs])
     query_desc = np.stack([np.atleast_2d(features[query_names[i]][key]) for i in ok_queries])
@@ -159,7 +166,11 @@ def rank_globally(query_names, ref_names, features: dict, whitening: dict | None
     order[ok_queries[:, None], np.arange(n_ok)] = ok_refs[sub_order]
     order[ok_queries[:, None], np.arange(n_ok, len(ref_names))] = failed_refs
     scores[ok_queries[:, None], np.arange(n_ok)] = sub_scores
-    return order, scores
+    if not with_references:
+        return order, scores
+    ranked_refs = np.zeros((len(ref_names), ref_desc.shape[1]), np.float32)
+    ranked_refs[ok_refs] = ref_desc
+    return order, scores, ranked_refs
 
 
 def write_ranking(out_dir: Path, query_names: list[str], ref_names: list[str], order: np.ndarray,
@@ -236,10 +247,13 @@ def main(conf: dict, features_dir: Path, dataset: Dataset, out_dir: Path,
         logger.info("global post-processing: database-side augmentation k=%d alpha=%g (x%d) over the references, "
                     "alpha query expansion k=%d alpha=%g", conf["dba_k"], conf["dba_alpha"], conf["dba_iterations"],
                     conf["qe_k"], conf["qe_alpha"])
-    order, scores = rank_globally(query_names, ref_names, features, whitening, conf["query_regions"],
-                                  {k: conf[k] for k in EXPANSION_KEYS})
+    order, scores, ref_desc = rank_globally(query_names, ref_names, features, whitening, conf["query_regions"],
+                                            {k: conf[k] for k in EXPANSION_KEYS}, with_references=True)
     out_dir = Path(out_dir)
     paths = write_ranking(out_dir, query_names, ref_names, order, scores, conf["top_k"], set(errors))
+    # for stage 3's verified query expansion (`stages.rerank.verified_qe`)
+    atomic_save_npz(out_dir / REFERENCE_DESCRIPTORS, {"ref_names": np.array(ref_names, dtype=str),
+                                                      "descriptors": ref_desc.astype(np.float16)})
     atomic_write_json(out_dir / "skipped.json", {
         "queries": {n: errors[n] for n in query_names if n in errors},
         "references": {n: errors[n] for n in ref_names if n in errors}})

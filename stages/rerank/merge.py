@@ -17,14 +17,15 @@ from stages.common.cache import FeatureStore, atomic_write_json
 from stages.common.conf import resolve
 from stages.common.shortlist import order_to_names, read_ranking
 
-from . import calibrate
+from . import calibrate, verified_qe
 from .inliers import load_inliers
 
 RULES = ("calibrated", "delg", "weighted")
 INLIER_CAP = 70  # inliers at which the weighted rule's bonus saturates
 
 # min_inliers and weight: the delg and weighted rules; calibrated uses the calibration.
-default_conf = {"rule": "calibrated", "min_inliers": 25, "weight": 0.5}
+# verified_qe, verified_qe_probability: the query expansion after the merge (`verified_qe`).
+default_conf = {"rule": "calibrated", "min_inliers": 25, "weight": 0.5, **verified_qe.default_conf}
 confs = {"calibrated": {}, "delg": {"rule": "delg"}, "weighted": {"rule": "weighted"}}
 
 
@@ -152,8 +153,30 @@ def verified_depth(query_names, ref_names, order: np.ndarray, inliers: dict[str,
     return depth
 
 
+def confident_pairs(query_names, ref_names, ranking: dict, inliers: dict[str, dict[str, int]], calibration: dict,
+                    min_probability: float) -> tuple[np.ndarray, np.ndarray]:
+    """The global score of every pair and which pairs verification made confident.
+
+    Returns:
+        (float32 [Q, R] global score by reference index, -inf where none; bool [Q, R]:
+        more inliers than the calibration's hinge and a same-product probability >=
+        `min_probability`).
+    """
+    scores = np.full(ranking["order"].shape, -np.inf, np.float32)
+    np.put_along_axis(scores, ranking["order"].astype(np.int64), ranking["scores"], axis=1)
+    confident = np.zeros(scores.shape, bool)
+    column = {str(r): j for j, r in enumerate(ref_names)}
+    for q, query in enumerate(query_names):
+        pairs = [(column[r], n) for r, n in inliers.get(str(query), {}).items()
+                 if r in column and n > calibration["min_inliers"]]
+        if pairs:
+            cols, counts = map(np.array, zip(*pairs, strict=True))
+            confident[q, cols] = calibrate.probability(calibration, scores[q, cols], counts) >= min_probability
+    return scores, confident
+
+
 def main(conf: dict, ranking_path: Path, pairs_paths, inliers_dir: Path, out_dir: Path,
-         calibration_path: Path | None = None) -> Path:
+         calibration_path: Path | None = None, descriptors_path: Path | None = None) -> Path:
     """Reranks the global ranking by the inlier counts of the verified shortlists.
 
     Args:
@@ -164,13 +187,16 @@ def main(conf: dict, ranking_path: Path, pairs_paths, inliers_dir: Path, out_dir
         inliers_dir: the inlier cache folder (`verify.main`).
         out_dir: where ``rankings.json`` is written.
         calibration_path: ``calibration.json`` (`calibrate.main`) for the "calibrated"
-            rule; None applies `calibrate.DEFAULT`.
+            rule and the verified query expansion; None applies `calibrate.DEFAULT`.
+        descriptors_path: ``reference_descriptors.npz`` of stage 1 ("ref_names",
+            "descriptors" [R, D]) for the verified query expansion ("verified_qe" > 0);
+            None skips it.
 
     Returns:
         The ``rankings.json`` path: {query: [every reference, best first]}.
 
     Raises:
-        ValueError: an unknown rule.
+        ValueError: an unknown rule, or descriptors of other references than the ranking's.
     """
     logger.info("merge, conf: %s", conf)
     ranking = read_ranking(ranking_path)
@@ -185,6 +211,17 @@ def main(conf: dict, ranking_path: Path, pairs_paths, inliers_dir: Path, out_dir
     order = rerank(ranking["order"], ranking["scores"],
                    align_inliers(query_names, ref_names, ranking["order"], inliers, depth),
                    depth, conf["rule"], conf["min_inliers"], conf["weight"], calibrate.read(calibration_path))
+    if conf.get("verified_qe", 0) > 0 and descriptors_path is not None:
+        with np.load(descriptors_path, allow_pickle=False) as f:
+            if f["ref_names"].tolist() != [str(r) for r in ref_names]:
+                raise ValueError(f"{descriptors_path} describes other references than {ranking_path}")
+            ref_desc = f["descriptors"].astype(np.float32)
+        scores, confident = confident_pairs(query_names, ref_names, ranking, inliers, calibrate.read(calibration_path),
+                                            conf["verified_qe_probability"])
+        order = verified_qe.expand(order, scores, confident, ref_desc, conf["verified_qe"])
+        logger.info("verified query expansion: %d of %d queries expanded with up to %d reference(s) of "
+                    "probability >= %g", int(confident.any(axis=1).sum()), len(query_names), conf["verified_qe"],
+                    conf["verified_qe_probability"])
     path = Path(out_dir) / "rankings.json"
     atomic_write_json(path, order_to_names(order, query_names, ref_names))
     return path
@@ -208,10 +245,15 @@ def cli(argv=None):
                         help="inliers for a reference to count as verified")
     parser.add_argument("--weight", type=float, default=default_conf["weight"],
                         help="the weighted rule's inlier weight, in global-score units")
+    parser.add_argument("--descriptors", type=Path, default=None,
+                        help="reference_descriptors.npz from stage 1, for the verified query expansion "
+                             "(default: none, no expansion)")
+    verified_qe.add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging()
-    conf = resolve(default_conf, confs, args.conf, {"min_inliers": args.min_inliers, "weight": args.weight})
-    print(main(conf, args.ranking, args.pairs, args.inliers, args.output, args.calibration))
+    conf = resolve(default_conf, confs, args.conf, {"min_inliers": args.min_inliers, "weight": args.weight,
+                                                    **verified_qe.conf_from_args(args)})
+    print(main(conf, args.ranking, args.pairs, args.inliers, args.output, args.calibration, args.descriptors))
 
 
 if __name__ == "__main__":
