@@ -108,3 +108,21 @@ def test_verified_query_expansion_rejects_mismatched_shapes():
 
     with pytest.raises(ValueError, match="disagree"):
         expand(np.zeros((1, 3), int), np.zeros((1, 2)), np.zeros((1, 3), bool), np.zeros((3, 2)), 1)
+
+
+def test_dba_applies_to_whitened_descriptors_only(demo_data, weights_cache, tmp_path):
+    from pipeline.run import RunConfig, run
+    from stages.common.dataset import load_dataset
+    from stages.common.shortlist import read_ranking
+
+    def scores(whitening, dba_k):
+        expansion = {"dba_k": dba_k, "dba_alpha": 1.0, "dba_iterations": 1, "qe_k": 0, "qe_alpha": 3.0}
+        rc = RunConfig(stages=("global",), cache=weights_cache, whitening=whitening, expansion=expansion)
+        out = tmp_path / f"{whitening}-{dba_k}"
+        run(load_dataset(demo_data), out, rc)
+        return read_ranking(out / "global_ranking.npz")["scores"]
+
+    # unwhitened (the demo has no training classes, so "auto" is none too): DBA is skipped
+    np.testing.assert_array_equal(scores("none", 20), scores("none", 0))
+    # PCA-whitened: DBA changes the scores (each reference moves towards its neighbours)
+    assert not np.allclose(scores("pca", 3), scores("pca", 0))

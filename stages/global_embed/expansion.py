@@ -111,8 +111,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dba-k", type=int, default=d["dba_k"],
                         help="database-side augmentation: each reference descriptor becomes the weighted "
                              "mean of itself and its k nearest references; transductive (uses the whole "
-                             "reference set, never the queries, as the hackathon's infer() allows); 0: off "
-                             f"(default: {d['dba_k']})")
+                             "reference set, never the queries, as the hackathon's infer() allows); applied to "
+                             "whitened descriptors only (not with --whitening none or a trained --model, where "
+                             f"it lowered mAP); 0: off (default: {d['dba_k']})")
     parser.add_argument("--dba-alpha", type=float, default=d["dba_alpha"],
                         help=f"DBA neighbour weight max(0, cosine) ** alpha (default: {d['dba_alpha']:g})")
     parser.add_argument("--dba-iterations", type=int, default=d["dba_iterations"],

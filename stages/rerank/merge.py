@@ -1,10 +1,12 @@
 """Stage 3b: merges RANSAC inlier counts into the global ranking.
 
-Only the first `top_k` positions of each query's global ranking are reordered; below them
-the global order is kept, and every reference appears exactly once in every list. The
+`rerank` reorders only the first `top_k` positions of each query's global ranking; below
+them the global order is kept, and every reference appears exactly once in every list. The
 merge reads cached counts (`verify.main`), so changing the rule, `top_k`, `min_inliers`,
-`weight` or the calibration reranks without matching again. `main` writes the final
-``rankings.json`` ({query: [every reference, best first]}).
+`weight` or the calibration reranks without matching again. Given stage 1's reference
+descriptors, `main` then applies the verified query expansion (`verified_qe`) below each
+query's first confident reference, and writes the final ``rankings.json`` ({query: [every
+reference, best first]}).
 """
 
 import argparse
