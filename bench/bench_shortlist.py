@@ -76,7 +76,7 @@ def main():
     parser.add_argument("--data", type=Path, default=SMVS, help="smvs_dvd folder")
     parser.add_argument("--cache", type=Path, required=True, help="cache with smvs_dvd's default features")
     parser.add_argument("--ks", default="10,50,100,200", help="comma-separated shortlist lengths")
-    parser.add_argument("--expand-to", type=int, default=300, help="the pipeline's deeper-window limit (default 300)")
+    parser.add_argument("--expand-to", type=int, default=400, help="the pipeline's deeper-window limit (default 400)")
     parser.add_argument("--no-expansion-ks", default="10,50,100",
                         help="shortlist lengths also run without deeper windows (expand_to = k); '' for none")
     parser.add_argument("--no-exhaustive", action="store_true", help="skip exhaustive verification")

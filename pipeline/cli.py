@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--query-rotations", default=None,
                    help="comma-separated angles (multiples of 90, counter-clockwise) at which queries are "
                         "described; rotated copies get the smaller pyramid levels only (default: 0,90,180,270; "
-                        "0 turns it off)")
+                        "'0' alone: upright only)")
     g = parser.add_argument_group("stage 3: geometric verification and reranking")
     g.add_argument("--rerank", default="mnn-affine-opencv", choices=sorted(rerank_verify.confs),
                    help="matcher, RANSAC backend and model: mnn = mutual nearest neighbours, delf = DELF's "
@@ -97,12 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "inliers, fitted on pairs of training images verified like the test pairs "
                         "(calibration.json; without training classes a documented fallback: more than 30 "
                         "inliers go first); delg: references with --min-inliers go first, by inlier count, then "
-                        "the global order; weighted: global score + w * min(inliers, 70) / 70")
+                        "the global order; weighted: global score + 0.5 * min(inliers, 70) / 70")
     g.add_argument("--min-inliers", type=int, default=None,
                    help="--merge delg and weighted: inliers for a shortlisted reference to count as verified "
                         "(default: 25)")
     rerank_verified_qe.add_arguments(g)
-    g.add_argument("--expand-to", type=int, default=300,
+    g.add_argument("--expand-to", type=int, default=400,
                    help="queries with no top-k reference likely to be the same product (--expand-below) get the "
                         "next top-k references verified too, window by window, down to this rank (set it to "
                         "--top-k to turn it off)")

@@ -41,7 +41,9 @@ class RunConfig:
     rerank_conf: dict = field(default_factory=lambda: dict(rerank_verify.default_conf, name="mnn-affine-opencv"))
     workers: int = 2
     top_k: int = 100
-    expand_to: int = 300  # verify deeper, window by window, for queries left unverified
+    # verify deeper, window by window, for queries left unverified; the global descriptor is not
+    # rotation invariant (an upside-down smvs_dvd photo put its cover at rank 309 of 337)
+    expand_to: int = 400
     expand_below: float = 0.5  # "unverified": no shortlisted reference is this likely the same product
     whitening: str = "auto"  # auto | learned | pca | none
     whiten_dim: int = 512
@@ -131,7 +133,7 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, rankin
         if not unverified or start_rank >= min(rc.expand_to, n_readable):
             if unverified:
                 logger.info("%d queries still have no reference with a same-product probability of %g+ down to "
-                            "rank %d", len(unverified), rc.expand_below, depth)
+                            "rank %d", len(unverified), rc.expand_below, min(depth, n_readable))
             return inlier_dir, windows
         end_rank = min(start_rank + rc.top_k, rc.expand_to, len(ref_names))
         logger.info("%d queries have no reference with a same-product probability of %g+ in the top %d: "

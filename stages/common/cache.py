@@ -265,7 +265,7 @@ class FeatureStore:
         arrays.pop(RETRY_KEY, None)
         made_from = arrays.pop(SOURCE_KEY, None)
         if source is not None and (made_from is None or str(made_from) != source_stamp(source)):
-            raise ValueError(f"{path}: source image {source} changed since it was cached")
+            raise ValueError(f"{path}: source file {source} changed since it was cached")
         return arrays
 
     def read_or_none(self, name: str, source: Path | None = None) -> dict[str, np.ndarray] | None:
