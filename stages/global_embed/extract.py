@@ -33,10 +33,13 @@ default_conf = {
     # product fills only part of the photo. The first is the whole image.
     "regions": [[0, 0, 1, 1], [0.1, 0.1, 0.9, 0.9], [0.2, 0.2, 0.8, 0.8], [0, 0, 0.75, 0.75],
                 [0.25, 0.25, 1, 1], [0, 0.25, 0.75, 1], [0.25, 0, 1, 0.75]],
+    # Flip test-time augmentation: the mirror image pooled as one more view of each scale.
+    "flip": False,
 }
 
 confs = {
     "lite0-gem": {},
+    "lite0-gem-flip": {"flip": True},
     "resnet50-gem": {"model": "resnet50"},
     "tfhub": {"model": "tfhub", "scales": [1.0], "regions": [[0, 0, 1, 1]]},
 }
@@ -58,7 +61,9 @@ def describe(model: FeatureModel, rgb: np.ndarray, conf: dict) -> np.ndarray:
     The image is resized so its longer side is `resize_max`, then at each of `scales` the
     backbone map is GeM-pooled (over the whole map and over each region's window) and
     L2-normalised; the scales are merged by a generalized mean with the same p (cirtorch
-    ``extract_ms``) and L2-normalised. A model that returns vectors (TF-Hub) gives one
+    ``extract_ms``) and L2-normalised. With conf "flip" the mirror image is described too
+    (regions mirrored) and merged with the scales as more views (flip test-time
+    augmentation, which hackathon teams used). A model that returns vectors (TF-Hub) gives one
     descriptor per scale, averaged. A trained model's projection head (``model.head``)
     maps each pooled vector before normalisation.
 
@@ -72,15 +77,19 @@ def describe(model: FeatureModel, rgb: np.ndarray, conf: dict) -> np.ndarray:
     """
     base, _ = resize_max_side(rgb, conf["resize_max"])
     regions = conf["regions"] if model.returns_map else [[0, 0, 1, 1]]
+    views = [(base, regions)]
+    if conf["flip"]:  # the mirror image, its regions mirrored so that row g is the same window
+        views.append((np.ascontiguousarray(base[:, ::-1]), [[y0, 1 - x1, y1, 1 - x0] for y0, x0, y1, x1 in regions]))
     per_scale = []
     for s in conf["scales"]:
-        out = model(resize_by(base, s))
-        if model.returns_map:
-            pooled = [gem(out[ys, xs], conf["gem_p"]) for ys, xs in region_slices(out.shape[:2], regions)]
-        else:
-            pooled = [out]
-        per_scale.append([model.head(v) for v in pooled] if model.head is not None else pooled)
-    per_scale = l2_normalize(np.asarray(per_scale, np.float32))  # [S, G, D]
+        for image, windows in views:
+            out = model(resize_by(image, s))
+            if model.returns_map:
+                pooled = [gem(out[ys, xs], conf["gem_p"]) for ys, xs in region_slices(out.shape[:2], windows)]
+            else:
+                pooled = [out]
+            per_scale.append([model.head(v) for v in pooled] if model.head is not None else pooled)
+    per_scale = l2_normalize(np.asarray(per_scale, np.float32))  # [S x views, G, D]
     p = conf["gem_p"] if model.returns_map else 1.0
     return np.stack([combine_scales(per_scale[:, g], p) for g in range(len(regions))])
 
