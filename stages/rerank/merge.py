@@ -210,15 +210,16 @@ def main(conf: dict, ranking_path: Path, pairs_paths, inliers_dir: Path, out_dir
         for query, counts in load_inliers(store, path).items():
             inliers.setdefault(query, {}).update(counts)
     depth = verified_depth(query_names, ref_names, ranking["order"], inliers)
+    calibration = calibrate.read(calibration_path)
     order = rerank(ranking["order"], ranking["scores"],
                    align_inliers(query_names, ref_names, ranking["order"], inliers, depth),
-                   depth, conf["rule"], conf["min_inliers"], conf["weight"], calibrate.read(calibration_path))
+                   depth, conf["rule"], conf["min_inliers"], conf["weight"], calibration)
     if conf.get("verified_qe", 0) > 0 and descriptors_path is not None:
         with np.load(descriptors_path, allow_pickle=False) as f:
             if f["ref_names"].tolist() != [str(r) for r in ref_names]:
                 raise ValueError(f"{descriptors_path} describes other references than {ranking_path}")
             ref_desc = f["descriptors"].astype(np.float32)
-        scores, confident = confident_pairs(query_names, ref_names, ranking, inliers, calibrate.read(calibration_path),
+        scores, confident = confident_pairs(query_names, ref_names, ranking, inliers, calibration,
                                             conf["verified_qe_probability"])
         order = verified_qe.expand(order, scores, confident, ref_desc, conf["verified_qe"])
         logger.info("verified query expansion: %d of %d queries expanded with up to %d reference(s) of "
