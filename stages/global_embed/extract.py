@@ -20,7 +20,7 @@ from .models import FeatureModel, load_model, model_identity
 from .pooling import combine_scales, gem, l2_normalize
 
 default_conf = {
-    "model": "lite0",  # lite0 | resnet50 | tfhub
+    "model": "lite0",  # lite0 | lite2 | resnet50 | tfhub
     "weights_dir": None,  # a trained model directory (lite0 only)
     "keras_weights": "imagenet",  # resnet50: "imagenet" downloads, None is untrained
     "hub_handle": None,  # tfhub: module URL or local directory
@@ -40,6 +40,8 @@ default_conf = {
 confs = {
     "lite0-gem": {},
     "lite0-gem-flip": {"flip": True},
+    "lite2-gem": {"model": "lite2"},
+    "lite2-gem-flip": {"model": "lite2", "flip": True},
     "resnet50-gem": {"model": "resnet50"},
     "tfhub": {"model": "tfhub", "scales": [1.0], "regions": [[0, 0, 1, 1]]},
 }

