@@ -136,9 +136,9 @@ def test_training_reduces_the_loss_and_keeps_the_best(trained):
 
 def test_model_dir_round_trips_to_identical_descriptors(trained, tiny_data, weights_cache):
     """Descriptors from the checkpoint's in-process network equal those of the pipeline's
-    loader (`Lite0(weights_dir=...)`) on the saved directory."""
+    loader (`Lite(weights_dir=...)`) on the saved directory."""
     from stages.global_embed.extract import default_conf, describe
-    from stages.global_embed.models import Lite0
+    from stages.global_embed.models import Lite
 
     conf, out = trained
     config = md.read_config(out)
@@ -153,7 +153,7 @@ def test_model_dir_round_trips_to_identical_descriptors(trained, tiny_data, weig
     net.v["head/bias"].assign(head["bias"])
     in_process = network.KerasFeatureModel(net)
 
-    loaded = Lite0(weights_cache, weights_dir=out)
+    loaded = Lite(weights_cache, weights_dir=out)
     assert loaded.head is not None and loaded.identity.startswith("lite0-trained-")
     rgb = (np.random.default_rng(3).random((90, 120, 3)) * 255).astype(np.uint8)
     a, b = describe(in_process, rgb, default_conf), describe(loaded, rgb, default_conf)
@@ -167,7 +167,7 @@ def test_model_dir_round_trips_to_identical_descriptors(trained, tiny_data, weig
     assert again["mAP"] == pytest.approx(config["best"]["dev"]["mAP"], abs=1e-6)
     assert again["Recall@1"] == pytest.approx(config["best"]["dev"]["Recall@1"], abs=1e-6)
     # and it differs from the untrained pipeline
-    imagenet = Lite0(weights_cache)
+    imagenet = Lite(weights_cache)
     assert describe(imagenet, rgb, default_conf).shape[1] == lite.HEAD_CHANNELS
     assert imagenet.identity != loaded.identity
 
