@@ -34,6 +34,44 @@ def _histogram(values) -> dict[str, int]:
             for i, c in enumerate(counts)}
 
 
+def verified_pairs(ranking_path, pairs_paths, inliers_dir, calibration: dict) -> dict:
+    """Every verified (query, reference) pair of a run, each once, with its evidence.
+
+    Args:
+        ranking_path: the global ranking (``global_ranking.npz``; its scores enter the
+            probability).
+        pairs_paths: the verified shortlist files.
+        inliers_dir: the inlier cache folder.
+        calibration: the calibration (`calibrate.read`).
+
+    Returns:
+        {"query": [P] names, "reference": [P] names, "global_score": float64 [P] (stage-1
+        similarity), "inliers": float64 [P], "probability": float64 [P] (calibrated
+        same-product probability)}.
+    """
+    ranking = read_ranking(ranking_path)
+    row = {q: i for i, q in enumerate(ranking["query_names"].tolist())}
+    position = {}
+    store = FeatureStore.open(inliers_dir)
+    pairs: list[tuple[str, str, int]] = []
+    for path in pairs_paths:
+        for query, counts in load_inliers(store, read_pairs(path)).items():
+            pairs.extend((query, ref, n) for ref, n in counts.items())
+    pairs = list({(q, r): (q, r, n) for q, r, n in pairs}.values())
+    ref_names = ranking["ref_names"].tolist()
+    scores = []
+    for q, r, _ in pairs:
+        i = row[q]
+        if i not in position:
+            position[i] = {ref_names[j]: p for p, j in enumerate(ranking["order"][i])}
+        scores.append(ranking["scores"][i, position[i][r]])
+    scores = np.array(scores, np.float64)
+    inliers = np.array([n for _, _, n in pairs], np.float64)
+    probability = calibrate.probability(calibration, scores, inliers) if pairs else np.zeros(0)
+    return {"query": [q for q, _, _ in pairs], "reference": [r for _, r, _ in pairs], "global_score": scores,
+            "inliers": inliers, "probability": probability}
+
+
 def verification_stats(ranking_path, pairs_paths, inliers_dir, calibration_path, ground_truth, out_path) -> dict:
     """Writes ``verification_stats.json`` and returns it.
 
@@ -52,29 +90,13 @@ def verification_stats(ranking_path, pairs_paths, inliers_dir, calibration_path,
          "inliers_histogram_false", "verified_true", "verified_false"}.
     """
     calibration = calibrate.read(calibration_path)
-    ranking = read_ranking(ranking_path)
-    row = {q: i for i, q in enumerate(ranking["query_names"].tolist())}
-    position = {}
-    store = FeatureStore.open(inliers_dir)
-    pairs: list[tuple[str, str, int]] = []
-    for path in pairs_paths:
-        for query, counts in load_inliers(store, read_pairs(path)).items():
-            pairs.extend((query, ref, n) for ref, n in counts.items())
-    pairs = list({(q, r): (q, r, n) for q, r, n in pairs}.values())
-    ref_names = ranking["ref_names"].tolist()
-    scores = []
-    for q, r, _ in pairs:
-        i = row[q]
-        if i not in position:
-            position[i] = {ref_names[j]: p for p, j in enumerate(ranking["order"][i])}
-        scores.append(ranking["scores"][i, position[i][r]])
-    inliers = np.array([n for _, _, n in pairs], np.float64)
-    probability = calibrate.probability(calibration, np.array(scores, np.float64), inliers) if pairs else np.zeros(0)
+    table = verified_pairs(ranking_path, pairs_paths, inliers_dir, calibration)
+    inliers, probability = table["inliers"], table["probability"]
     verified = inliers > calibration["min_inliers"]
-    stats = {"pairs": len(pairs), "calibration": calibration, "verified": int(verified.sum()),
+    stats = {"pairs": len(inliers), "calibration": calibration, "verified": int(verified.sum()),
              "inliers_histogram": _histogram(inliers)}
     if ground_truth is not None:
-        same = np.array([r in ground_truth.get(q, set()) for q, r, _ in pairs], bool)
+        same = same_product(table, ground_truth)
         stats.update({
             "true_pairs": int(same.sum()), "false_pairs": int((~same).sum()),
             "roc_auc_inliers": roc_auc(inliers[same], inliers[~same]),
@@ -83,6 +105,12 @@ def verification_stats(ranking_path, pairs_paths, inliers_dir, calibration_path,
             "verified_true": int((verified & same).sum()), "verified_false": int((verified & ~same).sum())})
     atomic_write_json(out_path, stats)
     return stats
+
+
+def same_product(table: dict, ground_truth: dict[str, set[str]]) -> np.ndarray:
+    """bool [P]: whether each pair of a `verified_pairs` table is a true pair."""
+    return np.array([r in ground_truth.get(q, set()) for q, r in zip(table["query"], table["reference"],
+                                                                      strict=True)], bool)
 
 
 def summary_line(stats: dict) -> str:

@@ -18,6 +18,7 @@ from stages.rerank import verify as rerank_verify
 
 from .analysis import summary_line
 from .demo import build_demo
+from .report import DEFAULT_QUERIES as REPORT_QUERIES
 from .run import STAGES, RunConfig, run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,6 +33,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: not a count (0 or more)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_pipeline.py",
@@ -39,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(stage 1: global CNN descriptor + faiss; stage 2: DELF local features of the "
                     "top-k; stage 3: RANSAC verification reranks the top-k, and deeper windows of the ranking "
                     "for queries the top-k left without a well-verified match). Writes rankings.json, "
-                    "nsml_results.json, skipped.json, config.json and, with ground truth, metrics.json. "
+                    "nsml_results.json, skipped.json, config.json and, with ground truth, metrics.json and "
+                    "report.html (see --report). "
                     "`run_pipeline.py train --help` describes training on the class folders.",
         formatter_class=_HelpFormatter)
     parser.add_argument("--data", type=Path, default=None,
@@ -55,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "before it, reusing their cached features (so `--stages global` stops after stage 1)")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute cached features instead of reusing them")
+    parser.add_argument("--report", type=_count, default=None, metavar="N",
+                        help="write report.html in the output folder (open it in a browser; pictures in "
+                             "report_files/): per-stage metrics, verification score histograms, and N queries "
+                             "with their top-10 references and inlier matches, the N worst by AP with ground "
+                             f"truth, a sample without; default: on ({REPORT_QUERIES} queries) for runs with "
+                             "ground truth, off otherwise; 0 turns it off")
     parser.add_argument("--model", type=Path, default=None,
                         help="trained model directory from `run_pipeline.py train` (EfficientNet-Lite0 "
                              "weights, global head, DELF attention); default: ImageNet weights")
@@ -169,6 +184,8 @@ def print_summary(result: dict, out_dir: Path, seconds: float) -> None:
     if skipped["queries"] or skipped["references"]:
         print(f"  skipped (unreadable): {len(skipped['queries'])} queries, "
               f"{len(skipped['references'])} references; see skipped.json")
+    if result.get("report"):
+        print(f"  report: {result['report']}")
     if result["metrics"]:
         first = next(iter(result["metrics"].values()))
         keys = [k for k in first if k != "n_queries"]
@@ -198,6 +215,9 @@ def main(argv=None) -> int:
     logger.info("data %s: %d queries, %d references, %d training classes, ground truth: %s",
                 data, len(dataset.queries), len(dataset.references), len(dataset.train),
                 "yes" if dataset.ground_truth is not None else "no")
+    if args.report is None:
+        args.report = REPORT_QUERIES if dataset.ground_truth is not None else 0
+    rc.report = args.report
     start = time.perf_counter()
     try:
         result = run(dataset, out_dir, rc)

@@ -24,7 +24,8 @@ from stages.rerank import inliers as rerank_inliers
 from stages.rerank import merge as rerank_merge
 from stages.rerank import verify as rerank_verify
 
-from .analysis import verification_stats
+from . import report as run_report
+from .analysis import summary_line, verification_stats
 from .evaluate import evaluate
 from .outputs import write_nsml_results, write_rankings
 
@@ -53,6 +54,9 @@ class RunConfig:
     expansion: dict = field(default_factory=lambda: dict(global_expansion.default_conf))
     cache: Path = Path("cache")
     overwrite: bool = False
+    # queries shown in report.html (`pipeline.report`); 0: no report. The command line turns it
+    # on for runs with ground truth; it changes no ranking, so it is not part of `as_dict`.
+    report: int = 0
 
     @property
     def rank_conf(self) -> dict:
@@ -198,8 +202,10 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
     Writes ``rankings.json``, ``nsml_results.json``, ``config.json``, ``skipped.json``,
     ``global_ranking.npz``, ``pairs-global-top{k}.txt``, with reranking
     ``verification_stats.json`` (and, from training classes, ``pairs-calibration.txt``,
-    ``calibration-pairs.npz`` and ``calibration.json``) and, with ground truth,
-    ``metrics.json`` ({stage: metrics}).
+    ``calibration-pairs.npz`` and ``calibration.json``), with ground truth,
+    ``metrics.json`` ({stage: metrics}) and, when ``rc.report`` > 0, ``report.html`` with
+    its pictures in ``report_files/`` (`pipeline.report`), written last: a report that
+    fails is logged and leaves every other output in place.
 
     Every query gets every reference exactly once. Unreadable images are listed in
     ``skipped.json`` ({"queries": {name: reason}, "references": {name: reason}}) and
@@ -211,7 +217,8 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
     Returns:
         {"metrics": {stage: metrics} (empty without ground truth), "timings": {stage: s},
          "skipped": {"queries": {...}, "references": {...}}, "rankings": final rankings,
-         "verification": `analysis.verification_stats` or None without reranking}.
+         "verification": `analysis.verification_stats` or None without reranking,
+         "report": the ``report.html`` path, or None (off, or it failed)}.
 
     Raises:
         ValueError: a stage combination `check_stages` refuses.
@@ -222,6 +229,7 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
     remove_stale_temp_files(out_dir)
     atomic_write_json(out_dir / "config.json", {"data": str(dataset.root), **rc.as_dict()})
     timings, verification = {}, None
+    inlier_dir, windows, calibration = None, [], None
 
     start, started_at = time.perf_counter(), time.time()
     global_dir = global_extract.main(rc.global_conf, global_images(dataset, rc, stages), rc.cache, rc.overwrite)
@@ -273,5 +281,44 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
     if dataset.ground_truth is not None:
         metrics = {stage: evaluate(names, dataset.ground_truth) for stage, names in rankings_by_stage.items()}
         atomic_write_json(out_dir / "metrics.json", {"metrics": metrics, "timings_s": timings})
+    report = None
+    if rc.report > 0:
+        summary = [f"{dataset.root}: {len(dataset.queries)} queries, {len(dataset.references)} references; "
+                   f"stages {', '.join(stages)}; global {rc.global_conf['name']}, local {rc.local_conf['name']}, "
+                   f"rerank {rc.rerank_conf['name']} (merge {rc.rerank_conf['merge']['rule']})"]
+        if verification:
+            summary.append(summary_line(verification))
+        if skipped["queries"] or skipped["references"]:
+            summary.append(f"unreadable: {len(skipped['queries'])} queries, {len(skipped['references'])} "
+                           "references (skipped.json)")
+        report = write_report(out_dir, rc.report, dataset, rankings_by_stage, metrics, timings, summary,
+                              ranking_path, windows, inlier_dir, calibration)
     return {"metrics": metrics, "timings": timings, "skipped": skipped, "rankings": final,
-            "pairs": pairs_path, "config_hash": conf_hash(rc.as_dict()), "verification": verification}
+            "pairs": pairs_path, "config_hash": conf_hash(rc.as_dict()), "verification": verification,
+            "report": report}
+
+
+def write_report(out_dir: Path, n_queries: int, dataset: Dataset, rankings_by_stage: dict, metrics: dict,
+                 timings: dict, summary: list[str], ranking_path: Path, pairs_paths: list[Path],
+                 inlier_dir: Path | None, calibration: Path | None) -> Path | None:
+    """Writes ``report.html`` (`pipeline.report`) after every other output of the run.
+
+    Returns:
+        Its path, or None when it failed: the error is logged (with its traceback) and a
+        ``report.html`` left by an earlier run is deleted, so that it is not taken for this
+        run's; the rankings and metrics, already written, are untouched.
+    """
+    start = time.perf_counter()
+    try:
+        data = run_report.collect(rankings_by_stage, dataset.images, n_queries, title=str(dataset.root),
+                                  ground_truth=dataset.ground_truth, metrics=metrics, timings=timings,
+                                  summary=summary, ranking_path=ranking_path, pairs_paths=pairs_paths,
+                                  inliers_dir=inlier_dir, calibration_path=calibration)
+        path = run_report.build_report(out_dir, data)
+    except Exception as e:  # a report is a view of the outputs: never let it fail the run
+        logger.error("report.html not written (%s: %s); rankings.json and the other outputs are complete",
+                     type(e).__name__, e, exc_info=True)
+        (Path(out_dir) / run_report.REPORT_FILE).unlink(missing_ok=True)
+        return None
+    logger.info("report of %d queries in %.1f s: %s", len(data.rows), time.perf_counter() - start, path)
+    return path

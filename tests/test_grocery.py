@@ -43,6 +43,11 @@ def test_reranking_helps_packages_and_keeps_produce_near_global(tmp_path, weight
     # orange peppers' stall verifies (60 inliers) with a green pepper held in front of it.
     assert scores["produce"][0] >= scores["produce"][1] - 0.005, scores
     assert (tmp_path / "calibration.json").exists()
+    from tests.test_report import Page  # the report is on by default with ground truth: the 20 worst queries
+
+    page = Page((tmp_path / "report.html").read_text())
+    assert len(page.rows) == 20 and page.svgs == 2
+    assert page.images and all((tmp_path / src).is_file() for src in page.images)
 
 
 # Unrelated products: 10 DVD covers without the printed Blu-ray banner (covers that share it,

@@ -301,6 +301,54 @@ def test_main_skips_pairs_without_local_features(tmp_path, local_store):
                                                                               "q_missing": ["r0"]}
 
 
+def test_main_keeps_the_inlier_matches_in_pixels(tmp_path, local_store):
+    conf = resolve(verify.default_conf, verify.confs, "mnn-affine-opencv")
+    pairs = {"q0": ["r0", "r1"], "q1": ["r2"]}
+    out = verify.main(conf, _write_pairs(tmp_path / "pairs.txt", pairs), local_store.dir, tmp_path / "cache",
+                      workers=1)
+    counts = inliers.load_inliers(out, pairs)
+    matches = inliers.load_matches(out, "q0")
+    assert set(matches) == {"r0", "r1"}
+    q_xy, r_xy = matches["r0"]
+    assert q_xy.dtype == r_xy.dtype == np.float32 and q_xy.shape == r_xy.shape == (counts["q0"]["r0"], 2)
+    # original pixels (not the verification's normalised units): r0 is q0 moved by TRUE_AFFINE
+    assert np.abs(q_xy @ TRUE_AFFINE[:2, :2].T + TRUE_AFFINE[:2, 2] - r_xy).max() < 0.1
+    assert set(map(tuple, q_xy.round(2).tolist())) <= set(map(tuple, local_store.read("q0")["keypoints_xy"]
+                                                              .round(2).tolist()))
+    assert len(matches["r1"][0]) == counts["q0"]["r1"]
+    q1_q, q1_r = inliers.load_matches(out, "q1")["r2"]
+    assert np.allclose(q1_r - q1_q, 12.0, atol=0.1)
+    assert inliers.load_matches(out, "q_absent") == {}
+
+
+def test_entries_cached_before_matches_were_kept_still_work(tmp_path, local_store):
+    """An entry without match arrays (written before they were kept): its counts are reused,
+    its pairs read as "not kept", and new pairs added to it keep theirs."""
+    conf = resolve(verify.default_conf, verify.confs, "mnn-affine-opencv")
+    cache = tmp_path / "cache"
+    out = verify.main(conf, _write_pairs(tmp_path / "p.txt", {"q0": ["r0"]}), local_store.dir, cache, workers=1)
+    store = FeatureStore.open(out)
+    entry = store.read("q0")
+    store.write("q0", {k: entry[k] for k in ("ref_names", "inliers", "ref_stamps")}, source=local_store.path("q0"))
+    assert inliers.load_matches(out, "q0") == {"r0": None}
+    longer = {"q0": ["r0", "r2"]}
+    assert verify.pending_pairs(store, local_store, longer) == {"q0": ["r2"]}
+    verify.main(conf, _write_pairs(tmp_path / "longer.txt", longer), local_store.dir, cache, workers=1)
+    assert inliers.load_inliers(out, longer)["q0"]["r0"] == 60
+    matches = inliers.load_matches(out, "q0")
+    assert matches["r0"] is None and len(matches["r2"][0]) == inliers.load_inliers(out, longer)["q0"]["r2"]
+    assert FeatureStore.open(out).read("q0")["match_counts"][0] == -1
+
+
+def test_split_matches_refuses_inconsistent_arrays():
+    entry = {"ref_names": np.array(["a", "b"]), "match_counts": np.array([2, -1], np.int32),
+             "match_query_xy": np.zeros((3, 2), np.float32), "match_ref_xy": np.zeros((3, 2), np.float32)}
+    assert inliers.split_matches(entry) == [None, None]
+    entry["match_query_xy"] = entry["match_ref_xy"] = np.arange(4, dtype=np.float32).reshape(2, 2)
+    first, second = inliers.split_matches(entry)
+    assert first[0].tolist() == [[0, 1], [2, 3]] and second is None
+
+
 @pytest.mark.parametrize("backend", ["threading", "loky"])
 def test_parallel_backends_give_the_sequential_counts(tmp_path, local_store, backend):
     conf = resolve(verify.default_conf, verify.confs, "mnn-affine-opencv")

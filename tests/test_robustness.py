@@ -473,7 +473,7 @@ def messy_run(tmp_path_factory, converted_weights):
     cache = new_cache(tmp / "cache", converted_weights)
     before = {"data": file_listing(data), "outside": file_listing(outside)}
     argv = ["--data", str(data), "--cache", str(cache), "--output", str(out), "--top-k", "3", "--expand-to", "6",
-            "--workers", "1"]
+            "--workers", "1", "--report", "9"]
     handler, level = Collect(), pipeline_logger.level
     pipeline_logger.addHandler(handler)
     pipeline_logger.setLevel(logging.INFO)
@@ -551,7 +551,7 @@ def test_nothing_written_outside_cache_and_output(messy_run):
     assert not (out / "rankings.json").is_symlink()
     assert {p.name for p in out.iterdir()} == {
         "config.json", "global_ranking.npz", "nsml_results.json", "pairs-global-top3.txt", "rankings.json",
-        "skipped.json", "verification_stats.json", "reference_descriptors.npz"} | {
+        "skipped.json", "verification_stats.json", "reference_descriptors.npz", "report.html", "report_files"} | {
         p.name for p in out.glob("pairs-global-top3-window*.txt")}
     cache = messy_run["cache"]
     for path in cache.rglob("*"):
@@ -559,6 +559,21 @@ def test_nothing_written_outside_cache_and_output(messy_run):
         assert not path.name.startswith(".tmp-")
     for store in [p for stage in ("global", "local", "rerank") for p in (cache / stage).iterdir()]:
         assert {p.suffix for p in store.iterdir() if p.is_file()} <= {".npz", ".json", ".lock"}
+
+
+def test_messy_report_shows_every_query(messy_run):
+    """`--report 9` without ground truth: all 9 queries (names with any characters), every
+    link relative and on disk, the unreadable queries and references as placeholders."""
+    from tests.test_report import Page
+
+    text = (messy_run["out"] / "report.html").read_text()
+    page = Page(text)
+    assert len(page.rows) == 9 and len({r["query"] for r in page.rows}) == 9
+    assert {"q_カフェ", "q plain", "q_empty"} <= {r["query"] for r in page.rows}
+    assert page.images and all((messy_run["out"] / src).is_file() and src.startswith("report_files/")
+                               for src in page.images)
+    assert text.count('class="missing">unreadable<') >= 2  # q_empty, q_not_an_image
+    assert "images could not be read for the report" in text
 
 
 def test_messy_rerun_reuses_everything(messy_run, log_lines, monkeypatch):

@@ -12,10 +12,17 @@ same photo stored at 400 px or 4000 px verifies the same way.
 
 Output: a feature store ``<cache_root>/rerank/<conf name>-<hash>/`` with one entry per
 query: ``ref_names`` str [K], ``inliers`` int32 [K] and ``ref_stamps`` str [K] (size and
-mtime of each reference's local-feature file), stamped with the query's local-feature file.
-The hash covers only the matcher and RANSAC confs and the local-feature store's key, so
-the merge conf (rule, min_inliers, weight) and the shortlist length can change without matching again; a
-rerun computes only the pairs that are missing or whose local features changed.
+mtime of each reference's local-feature file), stamped with the query's local-feature file,
+and the inlier matches themselves, so that a report can draw them without matching again:
+``match_counts`` int32 [K] (rows kept for each pair: its inlier count, or -1 for a pair
+cached before matches were kept), ``match_query_xy`` and ``match_ref_xy`` float32 [M, 2]
+(the inliers' keypoints, (x, y) in original query / reference pixels, pair after pair in
+``ref_names`` order; M = the sum of the non-negative counts). The hash covers only the
+matcher and RANSAC confs and the local-feature store's key, so the merge conf (rule,
+min_inliers, weight) and the shortlist length can change without matching again; a rerun
+computes only the pairs that are missing or whose local features changed. The matches do
+not enter the hash: they add to an entry without changing its counts, so entries cached
+before them stay valid (their pairs read as "matches not kept"; `--overwrite` recomputes).
 """
 
 import functools
@@ -31,6 +38,7 @@ from stages.common.progress import Progress
 from stages.common.shortlist import read_pairs
 
 from . import matching, merge, ransac
+from .inliers import split_matches
 
 default_conf = {
     "matcher": {"method": "mutual_nn", "distance_threshold": 0.8, "ratio": 0.8},
@@ -60,6 +68,18 @@ VERIFY_KEYS = ("matcher", "ransac", "checks")
 REF_CACHE_SIZE = 512  # prepared reference images kept per worker (about 0.5 MB each at 1000 x 128)
 
 Group = tuple[np.ndarray, np.ndarray]  # (keypoints float32 [n, 2] normalised (x, y), descriptors float32 [n, D])
+Matches = tuple[np.ndarray, np.ndarray]  # inlier keypoints float32 [n, 2] (x, y): (query's, reference's)
+NO_MATCHES: Matches = (np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32))
+
+
+def longer_side(feats: dict) -> float:
+    """The unit of the normalised coordinates of a stage-2 entry: its image's longer side in
+    pixels ("image_size"), without it the keypoints' own extent (1 without keypoints)."""
+    size = feats.get("image_size")
+    if size is not None:
+        return float(max(size))
+    xy = feats.get("keypoints_xy")
+    return 1.0 if xy is None or len(xy) == 0 else float(np.ptp(xy, axis=0).max() + 1.0)
 
 
 def prepare(feats: dict | None, split_rotations: bool) -> list[Group]:
@@ -80,10 +100,7 @@ def prepare(feats: dict | None, split_rotations: bool) -> list[Group]:
     """
     if feats is None or "descriptors" not in feats or len(feats["descriptors"]) == 0:
         return []
-    xy = np.asarray(feats["keypoints_xy"], np.float32)
-    size = feats.get("image_size")
-    side = float(max(size)) if size is not None else float(np.ptp(xy, axis=0).max() + 1.0)
-    xy = np.ascontiguousarray(xy / side, np.float32)
+    xy = np.ascontiguousarray(np.asarray(feats["keypoints_xy"], np.float32) / longer_side(feats), np.float32)
     desc = matching.as_float32(feats["descriptors"])
     rot = feats.get("rotations")
     if not split_rotations or rot is None or np.all(rot == rot[0]):
@@ -91,9 +108,15 @@ def prepare(feats: dict | None, split_rotations: bool) -> list[Group]:
     return [(np.ascontiguousarray(xy[rot == r]), np.ascontiguousarray(desc[rot == r])) for r in np.unique(rot)]
 
 
-def verify_prepared(query: list[Group], ref: list[Group], conf: dict) -> int:
-    """`verify_pair` on `prepare`d features (the reference as a single group)."""
-    best = 0
+def verify_prepared(query: list[Group], ref: list[Group], conf: dict,
+                    return_matches: bool = False) -> int | tuple[int, Matches]:
+    """`verify_pair` on `prepare`d features (the reference as a single group).
+
+    With `return_matches`, returns (inliers, (query points float32 [n, 2], reference points
+    float32 [n, 2])): the inlier matches of the counted model, in the groups' normalised
+    coordinates; both [0, 2] when the count is 0.
+    """
+    best, best_matches = 0, NO_MATCHES
     for q_xy, q_desc in query:
         for r_xy, r_desc in ref:
             pairs = matching.match(q_desc, r_desc, conf["matcher"])
@@ -102,7 +125,9 @@ def verify_prepared(query: list[Group], ref: list[Group], conf: dict) -> int:
             n = int(inliers.sum())
             if n > best and not ransac.degeneracy(model, pts_q, pts_r, inliers, q_xy, r_xy, conf["checks"]):
                 best = n
-    return best
+                if return_matches:
+                    best_matches = (pts_q[inliers].astype(np.float32), pts_r[inliers].astype(np.float32))
+    return (best, best_matches) if return_matches else best
 
 
 def verify_pair(query_feats: dict, ref_feats: dict, conf: dict) -> int:
@@ -159,24 +184,31 @@ def _read_local(folder: str, name: str) -> dict | None:
 
 
 @functools.lru_cache(maxsize=REF_CACHE_SIZE)
-def _prepared_ref(folder: str, name: str, stamp: str) -> list[Group] | None:
+def _prepared_ref(folder: str, name: str, stamp: str) -> tuple[list[Group], float] | None:
     # `stamp` (the file's size and mtime) is part of the key: a rewritten file is reread.
     feats = _read_local(folder, name)
-    return None if feats is None else prepare(feats, False)
-
-
-def _verify_query(folder: str, query: str, refs: list[str], stamps: list[str], conf: dict) -> np.ndarray:
-    """Inlier counts of one query against `refs`; -1 where local features are missing."""
-    feats = _read_local(folder, query)
-    out = np.full(len(refs), -1, np.int32)
     if feats is None:
-        return out
+        return None
+    return prepare(feats, False), longer_side(feats)
+
+
+def _verify_query(folder: str, query: str, refs: list[str], stamps: list[str],
+                  conf: dict) -> tuple[np.ndarray, list[Matches | None]]:
+    """Inlier counts of one query against `refs` (-1 where local features are missing) and
+    the inlier matches of each pair in original pixels (None where the count is -1)."""
+    feats = _read_local(folder, query)
+    out, matches = np.full(len(refs), -1, np.int32), [None] * len(refs)
+    if feats is None:
+        return out, matches
     q = prepare(feats, True)
+    q_side = longer_side(feats)
     for i, (ref, stamp) in enumerate(zip(refs, stamps, strict=True)):
-        r = _prepared_ref(folder, ref, stamp)
-        if r is not None:
-            out[i] = verify_prepared(q, r, conf)
-    return out
+        prepared = _prepared_ref(folder, ref, stamp)
+        if prepared is not None:
+            r, r_side = prepared
+            out[i], (pts_q, pts_r) = verify_prepared(q, r, conf, return_matches=True)
+            matches[i] = (pts_q * np.float32(q_side), pts_r * np.float32(r_side))
+    return out, matches
 
 
 class _Stamps(dict):
@@ -192,17 +224,41 @@ class _Stamps(dict):
         return self[name]
 
 
-def cached_inliers(store: FeatureStore, query: str, local: FeatureStore, stamps: dict) -> dict[str, int]:
-    """{reference: inliers} cached for `query`, without the pairs whose local features
-    changed since (or whose query entry is unreadable)."""
+def cached_pairs(store: FeatureStore, query: str, local: FeatureStore,
+                 stamps: dict) -> dict[str, tuple[int, Matches | None]]:
+    """{reference: (inliers, inlier matches in pixels or None where not kept)} cached for
+    `query`, without the pairs whose local features changed since (or whose query entry is
+    unreadable)."""
     source = local.path(query)
     if not source.exists():
         return {}
     entry = store.read_or_none(query, source)
     if entry is None:
         return {}
-    return {str(r): int(n) for r, n, s in zip(entry["ref_names"], entry["inliers"], entry["ref_stamps"], strict=True)
-            if stamps[r] == s}
+    return {str(r): (int(n), m) for r, n, s, m in zip(entry["ref_names"], entry["inliers"], entry["ref_stamps"],
+                                                       split_matches(entry), strict=True) if stamps[r] == s}
+
+
+def cached_inliers(store: FeatureStore, query: str, local: FeatureStore, stamps: dict) -> dict[str, int]:
+    """{reference: inliers} cached for `query`, without the pairs whose local features
+    changed since (or whose query entry is unreadable)."""
+    return {r: n for r, (n, _) in cached_pairs(store, query, local, stamps).items()}
+
+
+def entry_arrays(pairs: dict[str, tuple[int, Matches | None]], stamps: dict) -> dict[str, np.ndarray]:
+    """The store entry of one query (see the module docstring) from {reference: (inliers,
+    matches or None)} and {reference: local-feature file stamp}."""
+    names = list(pairs)
+    kept = [pairs[r][1] for r in names]
+    rows = [m for m in kept if m is not None]
+    return {
+        "ref_names": np.array(names, dtype=str),
+        "inliers": np.array([pairs[r][0] for r in names], np.int32),
+        "ref_stamps": np.array([stamps[r] for r in names], dtype=str),
+        "match_counts": np.array([-1 if m is None else len(m[0]) for m in kept], np.int32),
+        "match_query_xy": np.concatenate([m[0] for m in rows] + [NO_MATCHES[0]]).astype(np.float32),
+        "match_ref_xy": np.concatenate([m[1] for m in rows] + [NO_MATCHES[1]]).astype(np.float32),
+    }
 
 
 def pending_pairs(store: FeatureStore, local: FeatureStore, pairs: dict[str, list[str]],
@@ -283,20 +339,15 @@ def main(conf: dict, pairs_path: Path, local_store_dir: Path, cache_root: Path, 
     tasks = [(str(local.dir), q, refs, [stamps[r] for r in refs], conf) for q, refs in todo.items()]
     start, skipped = time.perf_counter(), 0
     with Progress(n_pairs, "geometric verification", "pair") as bar:
-        for query, refs, inliers in _parallel(tasks, workers, backend):
+        for query, refs, (inliers, matches) in _parallel(tasks, workers, backend):
             bar.update(len(refs))
             ok = inliers >= 0
             skipped += int((~ok).sum())
-            known = {} if overwrite else cached_inliers(store, query, local, stamps)
-            known.update({r: int(n) for r, n, good in zip(refs, inliers, ok, strict=True) if good})
+            known = {} if overwrite else cached_pairs(store, query, local, stamps)
+            known.update({r: (int(n), m) for r, n, m, good in zip(refs, inliers, matches, ok, strict=True) if good})
             if not known:  # the query's local features are missing
                 continue
-            names = list(known)
-            store.write(query, {
-                "ref_names": np.array(names, dtype=str),
-                "inliers": np.array([known[r] for r in names], np.int32),
-                "ref_stamps": np.array([stamps[r] for r in names], dtype=str),
-            }, source=local.path(query))
+            store.write(query, entry_arrays(known, stamps), source=local.path(query))
     seconds = time.perf_counter() - start
     _importable()._prepared_ref.cache_clear()  # in-process runs (workers=1, threading) hold up to REF_CACHE_SIZE images
     if skipped:
