@@ -166,3 +166,41 @@ def test_each_reference_set_gets_its_own_pca_store(tmp_path):
     sift = conf("sift")
     assert (local_extract.store_for(sift, tmp_path, ["a1"], images).dir
             == local_extract.store_for(sift, tmp_path, ["b1", "b2"], images).dir)
+
+
+class _StubDense:
+    """A DenseLite0 stand-in: 50 random unit descriptors per image, seeded by its pixels."""
+
+    dim, needs_pca, image_workers = DenseLite0.dim, True, 1
+
+    def __call__(self, rgb, scales=None):
+        rng = np.random.default_rng(int(rgb.sum()))
+        desc = rng.normal(size=(50, self.dim)).astype(np.float32)
+        return {"keypoints_xy": rng.uniform(0, 30, (50, 2)).astype(np.float32),
+                "descriptors": desc / np.linalg.norm(desc, axis=1, keepdims=True),
+                "scores": np.ones(50, np.float32), "scales": np.ones(50, np.float32)}
+
+
+def test_with_overwrite_only_shard_0_learns_the_pca_again(tmp_path, monkeypatch):
+    """n shards run at once would each replace the others' PCA; shard 0 alone relearns it."""
+    from conftest import write_image
+
+    from stages.common.shortlist import write_pairs
+
+    rng = np.random.default_rng(0)
+    images = {name: write_image(tmp_path / "img" / f"{name}.png", rng.integers(0, 255, (32, 32, 3), np.uint8))
+              for name in ("q1", "q2", "r1", "r2", "r3", "r4")}
+    pairs = tmp_path / "pairs.txt"
+    write_pairs(pairs, [(q, r) for q in ("q1", "q2") for r in ("r1", "r2", "r3", "r4")])
+    lite0_conf, stub, learned = conf(query_rotations=[0]), _StubDense(), []
+    learn = local_extract._learn_pca
+    monkeypatch.setattr(local_extract, "_learn_pca", lambda *a: learned.append(1) or learn(*a))
+
+    def learns_pca(shard, overwrite) -> bool:
+        before = len(learned)
+        local_extract.main(lite0_conf, pairs, images, tmp_path / "cache", overwrite, shard=shard, backend=lambda: stub)
+        return len(learned) > before
+
+    assert learns_pca((0, 1), False)
+    assert not learns_pca((1, 2), True)
+    assert learns_pca((0, 2), True)

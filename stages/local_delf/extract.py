@@ -244,8 +244,10 @@ def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path
         pairs_path: stage-1 shortlist, "query<TAB>reference" per line.
         images: {image name: path} covering every name in the shortlist.
         cache_root: cache folder; features go to ``<cache_root>/local/<name>-<hash>/``.
-        overwrite: recompute cached entries (and the PCA).
-        shard: (i, n) computes only every n-th image starting at i.
+        overwrite: recompute cached entries (and, in shard 0, the PCA).
+        shard: (i, n) computes only every n-th image starting at i. The shards share the
+            store's PCA: with `overwrite`, only shard 0 learns it again, so run shard 0 first
+            (n shards relearning it at once would each replace the others').
         backend: a `LazyBackend` of `conf` to share between calls (one is made otherwise).
         references: every reference name of the dataset: the local-descriptor PCA is
             learned on an evenly spaced sample of them (default: the shortlisted ones).
@@ -262,7 +264,7 @@ def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path
     get_backend = backend or LazyBackend(conf, cache_root)
     pca, fresh = None, set()
     if BACKENDS[conf["backend"]].needs_pca:
-        pca, fresh = ensure_pca(store, get_backend, conf, pca_refs, images, overwrite)
+        pca, fresh = ensure_pca(store, get_backend, conf, pca_refs, images, overwrite and shard[0] == 0)
         if fresh:
             logger.info("local features: %d references described while learning the PCA", len(fresh))
     jobs = [("queries", queries, conf["query_rotations"]), ("references", refs, [0])]
