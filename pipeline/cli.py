@@ -18,6 +18,7 @@ from stages.rerank import verify as rerank_verify
 
 from .analysis import summary_line
 from .demo import build_demo
+from .engines import ENGINES, RAY_INSTALL_HINT, EngineError, EngineUnavailable, make_engine
 from .report import DEFAULT_QUERIES as REPORT_QUERIES
 from .run import STAGES, RunConfig, run
 
@@ -128,7 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a query gets a deeper window (--expand-to) while its best verified reference has a "
                         "same-product probability below this (the calibration of --merge calibrated; 1 verifies "
                         "every window of every query, 0 none)")
-    g.add_argument("--workers", type=int, default=2, help="parallel processes for verification")
+    g = parser.add_argument_group("execution")
+    g.add_argument("--workers", type=int, default=None,
+                   help="--engine local: parallel processes for verification (default: 2); --engine ray: Ray "
+                        "workers (default: one per --ray-worker-cpus CPUs of the Ray cluster)")
+    g.add_argument("--engine", default="local", choices=ENGINES,
+                   help="local: in this process; ray: global extraction, local extraction and verification "
+                        "run as Ray work, on a local Ray (--workers x --ray-worker-cpus CPUs, default every core) "
+                        f"or the cluster of --ray-address (needs Ray: {RAY_INSTALL_HINT}); the rest runs here "
+                        "either way")
+    g.add_argument("--ray-address", default=None,
+                   help="--engine ray: address of a running Ray cluster (what `ray start --head` prints, e.g. "
+                        "HOST:6379; 'auto' for one started on this machine); default: start a local Ray")
+    g.add_argument("--ray-worker-cpus", type=int, default=1,
+                   help="--engine ray: CPUs each Ray worker reserves (and its TensorFlow/OpenCV threads)")
     return parser
 
 
@@ -167,7 +181,7 @@ def config_from_args(args) -> RunConfig:
     merge.update(rerank_verified_qe.conf_from_args(args))
     rerank_conf = resolve(rerank_verify.default_conf, rerank_verify.confs, args.rerank, {"merge": merge})
     return RunConfig(stages=parse_stages(args.stages), global_conf=global_conf, local_conf=local_conf,
-                     rerank_conf=rerank_conf, workers=args.workers, top_k=args.top_k, expand_to=args.expand_to,
+                     rerank_conf=rerank_conf, workers=args.workers or 2, top_k=args.top_k, expand_to=args.expand_to,
                      expand_below=args.expand_below,
                      whitening=args.whitening, whiten_dim=args.whiten_dim, query_regions=args.query_regions,
                      expansion=global_expansion.conf_from_args(args), cache=args.cache, overwrite=args.overwrite)
@@ -202,8 +216,18 @@ def main(argv=None) -> int:
         from .train import main as train_main
 
         return train_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.engine != "ray" and (args.ray_address or args.ray_worker_cpus != 1):
+        parser.error("--ray-address and --ray-worker-cpus need --engine ray")
+    if args.workers is not None and args.workers < 1 or args.ray_worker_cpus < 1:
+        parser.error("--workers and --ray-worker-cpus must be at least 1")
     setup_logging(logging.INFO)
+    try:  # before any work: without Ray installed, say so at once
+        engine = make_engine(args.engine, args.workers, args.ray_address, args.ray_worker_cpus)
+    except EngineUnavailable as e:
+        logger.error("%s", e)
+        return 2
     rc = config_from_args(args)
     data = args.data or build_demo(args.cache / "demo")
     out_dir = args.output or REPO / "runs" / (Path(data).resolve().name if args.data else "demo")
@@ -220,10 +244,15 @@ def main(argv=None) -> int:
     rc.report = args.report
     start = time.perf_counter()
     try:
-        result = run(dataset, out_dir, rc)
-    except CacheMismatchError as e:
+        with engine:
+            engine.start()  # before any output is written: an unreachable cluster stops the run here
+            result = run(dataset, out_dir, rc, engine)
+    except (CacheMismatchError, EngineUnavailable) as e:
         logger.error("%s", e)
         return 2
+    except EngineError as e:
+        logger.error("%s", e)
+        return 1
     print_summary(result, out_dir, time.perf_counter() - start)
     ranked = len(result["rankings"]) - len(result["skipped"]["queries"])
     if ranked == 0:

@@ -26,6 +26,7 @@ from stages.rerank import verify as rerank_verify
 
 from . import report as run_report
 from .analysis import summary_line, verification_stats
+from .engines import Engine, LocalEngine
 from .evaluate import evaluate
 from .outputs import write_nsml_results, write_rankings
 
@@ -105,7 +106,7 @@ def best_probability(calibration: dict, ranking: dict, row: dict, inliers: dict[
 
 def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, ranking_path: Path, pairs_path: Path,
                           local_dir: Path, timings: dict, calibration: dict, unreadable: set[str] = frozenset(),
-                          backend: local_extract.LazyBackend | None = None) -> tuple[Path, list[Path]]:
+                          engine: Engine | None = None) -> tuple[Path, list[Path]]:
     """Stage 3 on the top-k shortlist, then on deeper windows for the queries it left unverified.
 
     A query none of whose top-k references is likely the same product (calibrated
@@ -114,11 +115,13 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, rankin
     the next `top_k` references of such queries are given local features and verified too,
     window after window, down to rank `expand_to`. Each window is a shortlist file
     ``pairs-global-top{k}-window{start}.txt`` next to the first; `unreadable` references
-    (ranked last) are never verified.
+    (ranked last) are never verified. `engine` runs the extraction and verification
+    (default: a `LocalEngine` of `rc.workers`).
 
     Returns:
         (the inlier cache folder, every shortlist file verified: the top-k one first).
     """
+    engine = engine or LocalEngine(rc.workers)
     ranking = read_ranking(ranking_path)
     order, ref_names = ranking["order"], ranking["ref_names"].tolist()
     row = {q: i for i, q in enumerate(ranking["query_names"].tolist())}
@@ -128,7 +131,7 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, rankin
     n_readable = len([r for r in ref_names if r not in unreadable])
     while True:
         start = time.perf_counter()
-        inlier_dir = rerank_verify.main(rc.rerank_conf, window, local_dir, rc.cache, rc.overwrite, rc.workers)
+        inlier_dir = engine.verify(rc.rerank_conf, window, local_dir, rc.cache, rc.overwrite)
         for query, counts in rerank_inliers.load_inliers(inlier_dir, window).items():
             inliers.setdefault(query, {}).update(counts)
         timings["rerank"] = timings.get("rerank", 0.0) + time.perf_counter() - start
@@ -149,8 +152,8 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, rankin
         windows.append(window)
         depth = end_rank
         start = time.perf_counter()
-        local_extract.main(rc.local_conf, window, dataset.images, rc.cache, rc.overwrite, backend=backend,
-                           references=[r for r in ref_names if r not in unreadable])
+        engine.local_extract(rc.local_conf, window, dataset.images, rc.cache, rc.overwrite,
+                             references=[r for r in ref_names if r not in unreadable])
         timings["local"] = timings.get("local", 0.0) + time.perf_counter() - start
 
 
@@ -173,7 +176,7 @@ def global_images(dataset: Dataset, rc: RunConfig, stages) -> dict[str, Path]:
 
 
 def calibrate_verification(rc: RunConfig, dataset: Dataset, out_dir: Path, global_dir: Path, timings: dict,
-                           references: list[str], backend: local_extract.LazyBackend) -> Path | None:
+                           references: list[str], engine: Engine) -> Path | None:
     """Stages 1-3 on pairs of training images, then the calibration fitted on them
     (`stages.rerank.calibrate`).
 
@@ -188,15 +191,15 @@ def calibrate_verification(rc: RunConfig, dataset: Dataset, out_dir: Path, globa
         return None
     pairs_path, arrays_path = made
     images = {**dataset.images, **dataset.training_images()[0]}
-    local_dir = local_extract.main(rc.local_conf, pairs_path, images, rc.cache, rc.overwrite, backend=backend,
-                                   references=references)
-    inlier_dir = rerank_verify.main(rc.rerank_conf, pairs_path, local_dir, rc.cache, rc.overwrite, rc.workers)
+    local_dir = engine.local_extract(rc.local_conf, pairs_path, images, rc.cache, rc.overwrite,
+                                     references=references)
+    inlier_dir = engine.verify(rc.rerank_conf, pairs_path, local_dir, rc.cache, rc.overwrite)
     path = rerank_calibrate.main(rerank_calibrate.default_conf, arrays_path, inlier_dir, out_dir)
     timings["calibration"] = time.perf_counter() - start
     return path
 
 
-def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
+def run(dataset: Dataset, out_dir: Path, rc: RunConfig, engine: Engine | None = None) -> dict:
     """Runs the requested stages on `dataset` and writes the outputs to `out_dir`.
 
     Writes ``rankings.json``, ``nsml_results.json``, ``config.json``, ``skipped.json``,
@@ -214,6 +217,9 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
     the local stage cannot run (no readable pair, no reference with local features) the
     global ranking is kept, with a warning.
 
+    `engine` runs global extraction, local extraction and verification (`pipeline.engines`;
+    default: a `LocalEngine` of `rc.workers`, i.e. this process); the rest runs here.
+
     Returns:
         {"metrics": {stage: metrics} (empty without ground truth), "timings": {stage: s},
          "skipped": {"queries": {...}, "references": {...}}, "rankings": final rankings,
@@ -224,6 +230,7 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
         ValueError: a stage combination `check_stages` refuses.
     """
     stages = check_stages(rc.stages)
+    engine = engine or LocalEngine(rc.workers)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out_dir)
@@ -232,7 +239,7 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
     inlier_dir, windows, calibration = None, [], None
 
     start, started_at = time.perf_counter(), time.time()
-    global_dir = global_extract.main(rc.global_conf, global_images(dataset, rc, stages), rc.cache, rc.overwrite)
+    global_dir = engine.global_extract(rc.global_conf, global_images(dataset, rc, stages), rc.cache, rc.overwrite)
     ranking_path, pairs_path = global_rank.main(rc.rank_conf, global_dir, dataset, out_dir, since=started_at)
     timings["global"] = time.perf_counter() - start
     skipped = json.loads((out_dir / "skipped.json").read_text())
@@ -242,12 +249,11 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
         logger.warning("no readable query with a readable reference: local features and reranking skipped, "
                        "the global ranking is final")
         stages = ("global",)
-    backend = local_extract.LazyBackend(rc.local_conf, rc.cache)  # shared by the shortlist windows
     if "local" in stages:
         start = time.perf_counter()
         try:
-            local_dir = local_extract.main(rc.local_conf, pairs_path, dataset.images, rc.cache, rc.overwrite,
-                                           backend=backend, references=[r for r in dataset.references
+            local_dir = engine.local_extract(rc.local_conf, pairs_path, dataset.images, rc.cache, rc.overwrite,
+                                             references=[r for r in dataset.references
                                                                         if r not in unreadable])
         except local_extract.PCAUnavailableError as e:
             logger.warning("%s: reranking skipped, the global ranking is final", e)
@@ -263,10 +269,10 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig) -> dict:
                                                   ranking["ref_names"].tolist())}
     if "rerank" in stages:
         readable = [r for r in dataset.references if r not in unreadable]
-        calibration = (calibrate_verification(rc, dataset, out_dir, global_dir, timings, readable, backend)
+        calibration = (calibrate_verification(rc, dataset, out_dir, global_dir, timings, readable, engine)
                        if dataset.train else None)
         inlier_dir, windows = verify_with_expansion(rc, dataset, out_dir, ranking_path, pairs_path, local_dir,
-                                                    timings, rerank_calibrate.read(calibration), unreadable, backend)
+                                                    timings, rerank_calibrate.read(calibration), unreadable, engine)
         rankings_path = rerank_merge.main(rc.rerank_conf["merge"], ranking_path, windows, inlier_dir, out_dir,
                                           calibration, out_dir / global_rank.REFERENCE_DESCRIPTORS)
         rankings_by_stage["rerank"] = json.loads(rankings_path.read_text())
