@@ -292,6 +292,22 @@ def test_main_caches_pairs_and_reruns_nothing(tmp_path, local_store):
     assert verify.pending_pairs(store, local_store, longer) == {"q0": ["r1"], "q1": ["r1"]}
 
 
+def test_overwrite_of_a_second_pairs_file_keeps_the_first_files_pairs(tmp_path, local_store):
+    """An --overwrite run verifies the top-k and then a deeper window of the same query:
+    the entry must end up holding both, as without --overwrite."""
+    conf = resolve(verify.default_conf, verify.confs, "mnn-affine-opencv")
+    cache = tmp_path / "cache"
+    top = _write_pairs(tmp_path / "top.txt", {"q0": ["r0"]})
+    window = _write_pairs(tmp_path / "window.txt", {"q0": ["r1"]})
+    for overwrite in (False, True):
+        verify.main(conf, top, local_store.dir, cache, overwrite=overwrite, workers=1)
+        out = verify.main(conf, window, local_store.dir, cache, overwrite=overwrite, workers=1)
+        counts = inliers.load_inliers(out, top)["q0"]
+        assert counts == {"r0": 60}, overwrite
+        assert set(verify.cached_inliers(FeatureStore.open(out), "q0", local_store,
+                                         verify._Stamps(local_store))) == {"r0", "r1"}
+
+
 def test_main_skips_pairs_without_local_features(tmp_path, local_store):
     conf = resolve(verify.default_conf, verify.confs, "mnn-affine-opencv")
     pairs = {"q0": ["r0", "r_missing"], "q_missing": ["r0"]}

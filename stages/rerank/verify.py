@@ -343,7 +343,9 @@ def main(conf: dict, pairs_path: Path, local_store_dir: Path, cache_root: Path, 
             bar.update(len(refs))
             ok = inliers >= 0
             skipped += int((~ok).sum())
-            known = {} if overwrite else cached_pairs(store, query, local, stamps)
+            # the query's other cached pairs stay even with overwrite: a deeper window of the
+            # same run verifies a second pairs file into the same entry
+            known = cached_pairs(store, query, local, stamps)
             known.update({r: (int(n), m) for r, n, m, good in zip(refs, inliers, matches, ok, strict=True) if good})
             if not known:  # the query's local features are missing
                 continue
