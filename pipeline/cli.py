@@ -3,6 +3,7 @@
 import argparse
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -210,6 +211,17 @@ def print_summary(result: dict, out_dir: Path, seconds: float) -> None:
         print("  no ground truth (test/ground_truth.csv): metrics not computed")
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why files cannot be written in `folder` (created if missing), or None when they can."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:
@@ -229,6 +241,10 @@ def main(argv=None) -> int:
         logger.error("%s", e)
         return 2
     rc = config_from_args(args)
+    reason = unwritable(Path(args.cache))
+    if reason:  # before any work, rather than a traceback from the first write
+        logger.error("--cache %s: cannot write there (%s)", args.cache, reason)
+        return 2
     data = args.data or build_demo(args.cache / "demo")
     out_dir = args.output or REPO / "runs" / (Path(data).resolve().name if args.data else "demo")
     try:
@@ -239,6 +255,10 @@ def main(argv=None) -> int:
     logger.info("data %s: %d queries, %d references, %d training classes, ground truth: %s",
                 data, len(dataset.queries), len(dataset.references), len(dataset.train),
                 "yes" if dataset.ground_truth is not None else "no")
+    reason = unwritable(Path(out_dir))
+    if reason:
+        logger.error("--output %s: cannot write there (%s)", out_dir, reason)
+        return 2
     if args.report is None:
         args.report = REPORT_QUERIES if dataset.ground_truth is not None else 0
     rc.report = args.report

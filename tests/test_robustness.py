@@ -604,6 +604,19 @@ def test_layout_errors_exit_2_with_a_clear_message(tmp_path, log_lines):
     assert not (tmp_path / "o").exists()
 
 
+def test_unwritable_output_or_cache_exits_2_naming_the_folder(tmp_path, log_lines):
+    """A folder below a regular file cannot be created, even by root (unlike a chmod)."""
+    put(tmp_path / "d" / QUERY / "q.jpg", encode(photo("coffee")))
+    put(tmp_path / "d" / REFERENCE / "r.jpg", encode(photo("coffee")))
+    put(tmp_path / "file", b"x")
+    blocked = tmp_path / "file" / "out"
+    assert cli_main(["--data", str(tmp_path / "d"), "--output", str(blocked)]) == 2
+    assert any(f"--output {blocked}: cannot write there (Not a directory)" in line for line in log_lines)
+    assert cli_main(["--data", str(tmp_path / "d"), "--output", str(tmp_path / "o"), "--cache", str(blocked)]) == 2
+    assert any(f"--cache {blocked}: cannot write there" in line for line in log_lines)
+    assert not (tmp_path / "o").exists()
+
+
 def test_run_pipeline_prints_no_traceback_for_a_layout_error(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "--data", str(tmp_path / "nowhere")],
                          capture_output=True, text=True, timeout=120)
