@@ -67,6 +67,24 @@ def test_rank_all_ranks_nan_references_last(backend):
     assert scores[0, 2] == -np.inf
 
 
+@pytest.mark.parametrize("max_k", [1, 7, 49, 50, 2048])
+def test_rank_all_over_indexes_of_at_most_max_k_references(max_k):
+    """faiss GPU indexes answer k <= 2048 only: the references are split into indexes of
+    max_k, each searched whole; the ranking is that of one index (R = 50 here, one NaN)."""
+    from stages.global_embed.search import make_indexes
+
+    rng = np.random.default_rng(3)
+    refs = l2_normalize(rng.normal(size=(50, 16)))
+    refs[20] = np.nan
+    queries = l2_normalize(rng.normal(size=(6, 2, 16)))
+    order, scores = rank_all(queries, refs, backend="faiss", max_k=max_k)
+    blas_order, blas_scores = rank_all(queries, refs, backend="blas")
+    np.testing.assert_array_equal(order, blas_order)
+    np.testing.assert_allclose(scores, blas_scores, atol=1e-5)
+    sizes = [index.ntotal for _, index in make_indexes(np.ascontiguousarray(refs), max_k, 0)]
+    assert max(sizes) <= max_k and sum(sizes) == 50
+
+
 def test_rank_all_faiss_and_blas_agree():
     rng = np.random.default_rng(2)
     refs = l2_normalize(rng.normal(size=(300, 32)))

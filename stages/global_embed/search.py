@@ -22,26 +22,51 @@ def faiss_gpus() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-def make_index(dim: int):
+# faiss GPU indexes return at most this many neighbours per search (k <= 2048).
+GPU_MAX_K = 2048
+
+
+def make_index(dim: int, gpus: int | None = None):
     """An exact inner-product faiss index, on all GPUs when faiss has any."""
     import faiss
 
     index = faiss.IndexFlatIP(dim)
-    gpus = faiss_gpus()
+    gpus = faiss_gpus() if gpus is None else gpus
     if gpus > 0:
-        logger.info("faiss: using %d GPU(s)", gpus)
         index = faiss.index_cpu_to_all_gpus(index)
     return index
 
 
-def _similarities_faiss(index, block: np.ndarray, r: int) -> np.ndarray:
+def make_indexes(ref_desc: np.ndarray, max_k: int, gpus: int) -> list[tuple[int, object]]:
+    """Exact faiss indexes over consecutive chunks of at most `max_k` references, so that
+    one search with k = chunk size returns every similarity even where k is capped.
+
+    Args:
+        ref_desc: float32 [R, D], C-contiguous.
+        max_k: the largest k a search may ask for (`GPU_MAX_K` on GPUs).
+        gpus: GPUs to put the indexes on (0: CPU).
+
+    Returns:
+        [(index of the chunk's first reference, its index)], in reference order.
+    """
+    indexes = []
+    for offset in range(0, len(ref_desc), max_k):
+        index = make_index(ref_desc.shape[1], gpus)
+        index.add(ref_desc[offset:offset + max_k])
+        indexes.append((offset, index))
+    return indexes
+
+
+def _similarities_faiss(indexes, block: np.ndarray, r: int) -> np.ndarray:
     """[n, D] queries -> float32 [n, R] inner products with every indexed reference (-inf
     where faiss returns none, e.g. for NaN descriptors)."""
-    sims, ids = index.search(np.ascontiguousarray(block), r)
+    block = np.ascontiguousarray(block)
     dense = np.full((len(block), r), -np.inf, np.float32)
-    valid = ids >= 0
-    rows = np.broadcast_to(np.arange(len(block))[:, None], ids.shape)
-    dense[rows[valid], ids[valid]] = sims[valid]
+    for offset, index in indexes:
+        sims, ids = index.search(block, index.ntotal)
+        valid = ids >= 0
+        rows = np.broadcast_to(np.arange(len(block))[:, None], ids.shape)
+        dense[rows[valid], offset + ids[valid]] = sims[valid]
     return dense
 
 
@@ -53,7 +78,7 @@ def _similarities_blas(ref_t: np.ndarray, block: np.ndarray) -> np.ndarray:
 
 
 def rank_all(query_desc: np.ndarray, ref_desc: np.ndarray, batch: int = 256,
-             backend: str = "faiss") -> tuple[np.ndarray, np.ndarray]:
+             backend: str = "faiss", max_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Full ranking of all references for each query.
 
     With several descriptors per query (e.g. regions), a reference scores the maximum
@@ -65,6 +90,8 @@ def rank_all(query_desc: np.ndarray, ref_desc: np.ndarray, batch: int = 256,
         batch: queries per similarity call (bounds memory at batch x G x R).
         backend: "faiss" (IndexFlatIP, on the GPUs when faiss has any) or "blas" (a numpy
             matrix product, the reference implementation).
+        max_k: faiss only: references per index, as the largest k one search may ask for
+            (default: `GPU_MAX_K` on GPUs, R on the CPU).
 
     Returns:
         (order int32 [Q, R] reference indices best first, scores float32 [Q, R] in that
@@ -86,9 +113,11 @@ def rank_all(query_desc: np.ndarray, ref_desc: np.ndarray, batch: int = 256,
         return order, scores
     ref_desc = np.ascontiguousarray(ref_desc, np.float32)
     if backend == "faiss":
-        index = make_index(ref_desc.shape[1])
-        index.add(ref_desc)
-        similarities = functools.partial(_similarities_faiss, index, r=r)
+        gpus = faiss_gpus()
+        if gpus > 0:
+            logger.info("faiss: using %d GPU(s)", gpus)
+        max_k = max_k or (GPU_MAX_K if gpus > 0 else r)
+        similarities = functools.partial(_similarities_faiss, make_indexes(ref_desc, max_k, gpus), r=r)
     else:
         similarities = functools.partial(_similarities_blas, np.ascontiguousarray(ref_desc.T))
     for start in progress(range(0, q, batch), desc="global ranking", unit="batch"):
