@@ -72,7 +72,8 @@ def verified_pairs(ranking_path, pairs_paths, inliers_dir, calibration: dict) ->
             "inliers": inliers, "probability": probability}
 
 
-def verification_stats(ranking_path, pairs_paths, inliers_dir, calibration_path, ground_truth, out_path) -> dict:
+def verification_stats(ranking_path, pairs_paths, inliers_dir, calibration_path, ground_truth, out_path,
+                       table: dict | None = None) -> dict:
     """Writes ``verification_stats.json`` and returns it.
 
     Args:
@@ -82,6 +83,8 @@ def verification_stats(ranking_path, pairs_paths, inliers_dir, calibration_path,
         calibration_path: ``calibration.json`` or None (`calibrate.DEFAULT`).
         ground_truth: {query: set of relevant references} or None.
         out_path: the JSON file to write.
+        table: the `verified_pairs` table of these inputs when the caller has it (it is
+            read from the inlier cache otherwise).
 
     Returns:
         {"pairs", "calibration", "verified" (pairs above the calibration's inlier hinge),
@@ -90,7 +93,8 @@ def verification_stats(ranking_path, pairs_paths, inliers_dir, calibration_path,
          "inliers_histogram_false", "verified_true", "verified_false"}.
     """
     calibration = calibrate.read(calibration_path)
-    table = verified_pairs(ranking_path, pairs_paths, inliers_dir, calibration)
+    if table is None:
+        table = verified_pairs(ranking_path, pairs_paths, inliers_dir, calibration)
     inliers, probability = table["inliers"], table["probability"]
     verified = inliers > calibration["min_inliers"]
     stats = {"pairs": len(inliers), "calibration": calibration, "verified": int(verified.sum()),

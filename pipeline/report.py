@@ -26,7 +26,7 @@ import numpy as np
 
 from stages.common import logger
 from stages.common.cache import FeatureStore, atomic_write_bytes
-from stages.common.images import ImageReadError, read_image
+from stages.common.images import ImageReadError, read_image, resize_by, resize_max_side
 from stages.common.shortlist import read_pairs, read_ranking
 from stages.rerank import calibrate
 from stages.rerank.inliers import load_inliers, load_matches
@@ -200,7 +200,8 @@ def verification_histograms(table: dict, same: np.ndarray) -> list[Histogram]:
 def collect(rankings_by_stage: dict[str, dict[str, list[str]]], images: dict[str, Path], n_queries: int, *,
             title: str = "", ground_truth: dict[str, set[str]] | None = None, metrics: dict | None = None,
             timings: dict | None = None, summary=(), ranking_path: Path | None = None, pairs_paths=(),
-            inliers_dir: Path | None = None, calibration_path: Path | None = None) -> ReportData:
+            inliers_dir: Path | None = None, calibration_path: Path | None = None,
+            pairs_table: dict | None = None) -> ReportData:
     """Gathers what a report shows from a run's outputs.
 
     Args:
@@ -219,6 +220,8 @@ def collect(rankings_by_stage: dict[str, dict[str, list[str]]], images: dict[str
         inliers_dir: the inlier cache folder (`stages.rerank.verify.main`); None without
             verification.
         calibration_path: ``calibration.json`` or None (`calibrate.DEFAULT`).
+        pairs_table: the run's `pipeline.analysis.verified_pairs` table when the caller has
+            it (read from the inlier cache otherwise).
 
     Returns:
         The `ReportData`.
@@ -250,7 +253,7 @@ def collect(rankings_by_stage: dict[str, dict[str, list[str]]], images: dict[str
                 counts[q].update(c)
         matches = {q: load_matches(store, q) for q in shown}
         if ground_truth is not None:
-            table = verified_pairs(ranking_path, pairs_paths, inliers_dir, calibration)
+            table = pairs_table or verified_pairs(ranking_path, pairs_paths, inliers_dir, calibration)
             histograms = verification_histograms(table, same_product(table, ground_truth))
     rows, not_kept = [], 0
     for q in shown:
@@ -288,14 +291,6 @@ def fit_size(width: int, height: int, target_height: int, max_width: int) -> flo
     """The scale that gives an image `target_height` rows, or `max_width` columns if that
     would make it wider."""
     return min(target_height / max(height, 1), max_width / max(width, 1))
-
-
-def resize(rgb: np.ndarray, scale: float) -> np.ndarray:
-    """`rgb` uint8 [H, W, 3] scaled by `scale` (area interpolation when shrinking), at
-    least 1 x 1."""
-    h, w = rgb.shape[:2]
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
 
 def draw_matches(left: np.ndarray, right: np.ndarray, left_xy: np.ndarray, right_xy: np.ndarray,
@@ -373,13 +368,13 @@ class _Pictures:
                 raise ImageReadError(name, "not among the run's images")
             rgb = read_image(path)
             h, w = rgb.shape[:2]
-            thumb = resize(rgb, min(1.0, THUMB_SIDE / max(h, w)))
+            thumb, _ = resize_max_side(rgb, THUMB_SIDE)
             file = f"t-{_digest(name)}.jpg"
             _write_jpeg(self.folder / file, thumb)
             self.written.add(file)
             self.thumbs[name] = f"{ASSETS_DIR}/{file}"
             scale = min(1.0, fit_size(w, h, MATCH_HEIGHT, MATCH_MAX_WIDTH))
-            loaded = (resize(rgb, scale), scale)
+            loaded = (resize_by(rgb, scale), scale)
         except ImageReadError as e:
             self.failed[name] = str(e)
             self.thumbs[name] = None

@@ -25,7 +25,7 @@ from stages.rerank import merge as rerank_merge
 from stages.rerank import verify as rerank_verify
 
 from . import report as run_report
-from .analysis import summary_line, verification_stats
+from .analysis import summary_line, verification_stats, verified_pairs
 from .engines import Engine, LocalEngine
 from .evaluate import evaluate
 from .outputs import write_nsml_results, write_rankings
@@ -236,7 +236,7 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig, engine: Engine | None = 
     remove_stale_temp_files(out_dir)
     atomic_write_json(out_dir / "config.json", {"data": str(dataset.root), **rc.as_dict()})
     timings, verification = {}, None
-    inlier_dir, windows, calibration = None, [], None
+    inlier_dir, windows, calibration, pairs_table = None, [], None, None
 
     start, started_at = time.perf_counter(), time.time()
     global_dir = engine.global_extract(rc.global_conf, global_images(dataset, rc, stages), rc.cache, rc.overwrite)
@@ -277,8 +277,10 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig, engine: Engine | None = 
                                           calibration, out_dir / global_rank.REFERENCE_DESCRIPTORS)
         rankings_by_stage["rerank"] = json.loads(rankings_path.read_text())
         write_nsml_results(out_dir, rankings_by_stage["rerank"])
+        # read from the inlier cache once, for verification_stats.json and the report
+        pairs_table = verified_pairs(ranking_path, windows, inlier_dir, rerank_calibrate.read(calibration))
         verification = verification_stats(ranking_path, windows, inlier_dir, calibration, dataset.ground_truth,
-                                          out_dir / "verification_stats.json")
+                                          out_dir / "verification_stats.json", pairs_table)
     else:
         write_rankings(out_dir, rankings_by_stage["global"])
     final = rankings_by_stage[list(rankings_by_stage)[-1]]
@@ -298,7 +300,7 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig, engine: Engine | None = 
             summary.append(f"unreadable: {len(skipped['queries'])} queries, {len(skipped['references'])} "
                            "references (skipped.json)")
         report = write_report(out_dir, rc.report, dataset, rankings_by_stage, metrics, timings, summary,
-                              ranking_path, windows, inlier_dir, calibration)
+                              ranking_path, windows, inlier_dir, calibration, pairs_table)
     return {"metrics": metrics, "timings": timings, "skipped": skipped, "rankings": final,
             "pairs": pairs_path, "config_hash": conf_hash(rc.as_dict()), "verification": verification,
             "report": report}
@@ -306,7 +308,7 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig, engine: Engine | None = 
 
 def write_report(out_dir: Path, n_queries: int, dataset: Dataset, rankings_by_stage: dict, metrics: dict,
                  timings: dict, summary: list[str], ranking_path: Path, pairs_paths: list[Path],
-                 inlier_dir: Path | None, calibration: Path | None) -> Path | None:
+                 inlier_dir: Path | None, calibration: Path | None, pairs_table: dict | None = None) -> Path | None:
     """Writes ``report.html`` (`pipeline.report`) after every other output of the run.
 
     Returns:
@@ -319,7 +321,7 @@ def write_report(out_dir: Path, n_queries: int, dataset: Dataset, rankings_by_st
         data = run_report.collect(rankings_by_stage, dataset.images, n_queries, title=str(dataset.root),
                                   ground_truth=dataset.ground_truth, metrics=metrics, timings=timings,
                                   summary=summary, ranking_path=ranking_path, pairs_paths=pairs_paths,
-                                  inliers_dir=inlier_dir, calibration_path=calibration)
+                                  inliers_dir=inlier_dir, calibration_path=calibration, pairs_table=pairs_table)
         path = run_report.build_report(out_dir, data)
     except Exception as e:  # a report is a view of the outputs: never let it fail the run
         logger.error("report.html not written (%s: %s); rankings.json and the other outputs are complete",
