@@ -9,8 +9,8 @@ does, learns the local-descriptor PCA, and saves into the index folder:
   local feature stores, the whitening applied and the post-processing conf, the faiss
   index kind, every reference with its image path, the unreadable ones and why;
 - ``global.faiss``: the faiss index of the readable references (`stages.global_embed.ann`:
-  exact ``IndexFlatIP`` below ``ann.default_conf["exact_below"]`` references, an inverted
-  file with fast-scan PQ codes above, whose candidates are re-scored exactly);
+  exact ``IndexFlatIP`` below ``ann.default_conf["exact_below"]`` references, a 128-d PCA
+  pre-search above, whose candidates are re-scored exactly);
 - ``reference_descriptors.npy``: float32 [R', D] the readable references as ranked (whitened,
   after DBA), in faiss id order; ``reference_descriptors.npz``: the batch run's file of the
   same name (every reference, float16) for the verified query expansion;
@@ -99,7 +99,7 @@ def build(dataset, out_dir: Path, rc: RunConfig, engine: Engine | None = None,
         rc: the run conf; the same as the batch run's gives the batch run's rankings.
         engine: runs the extraction and verification (default: `LocalEngine(rc.workers)`).
         ann_conf: `stages.global_embed.ann` conf (default `ann.default_conf`).
-        force_kind: "flat" or "ivf" instead of the size rule.
+        force_kind: "flat" or "pca" instead of the size rule.
 
     Returns:
         The ``index.json`` path.
@@ -152,9 +152,8 @@ def build(dataset, out_dir: Path, rc: RunConfig, engine: Engine | None = None,
         "version": VERSION, "data": str(Path(dataset.root).resolve()), "config": rc.as_dict(),
         "cache": str(Path(rc.cache).resolve()), "global_store": str(Path(global_dir).resolve()),
         "local_store": str(Path(local_dir).resolve()), "whitening": applied, "expansion": expand,
-        "index": {"kind": "flat" if ann.is_exact(index) else "ivf",
-                  "factory": "Flat" if ann.is_exact(index) else ann.factory_string(ref_desc.shape[1], len(ok),
-                                                                                      ann_conf),
+        "index": {"kind": "flat" if ann.is_exact(index) else "pca",
+                  "factory": "Flat" if ann.is_exact(index) else ann.factory_string(ref_desc.shape[1], ann_conf),
                   "conf": ann_conf, "depth": DEFAULT_DEPTH},
         "calibration": CALIBRATION if calibration else None,
         "references": ref_names, "paths": [str(Path(dataset.references[r]).resolve()) for r in ref_names],
@@ -238,7 +237,7 @@ def global_shortlist(loaded: LoadedIndex, query_desc: np.ndarray, depth: int | N
     """The global ranking of the queries against the index.
 
     Flat index: every reference, as the batch run's `rank_globally` ranks them (the
-    unreadable ones last in name order, score -inf). IVF index: the union U of every
+    unreadable ones last in name order, score -inf). PCA index: the union U of every
     query's top `depth` candidates (exactly re-scored), every query ranked over U.
 
     Returns:
@@ -277,7 +276,7 @@ def query(loaded: LoadedIndex, photos, out_dir: Path, engine: Engine | None = No
         photos: image paths; each is named by its file stem.
         out_dir: output folder (created).
         engine: runs extraction and verification (default `LocalEngine(loaded.rc.workers)`).
-        depth: IVF index: references listed per photo (default: the index's, 1000).
+        depth: PCA index: references listed per photo (default: the index's, 1000).
 
     Returns:
         {"rankings": {name: [references]}, "skipped": {name: reason}, "timings": {stage: s},

@@ -144,3 +144,18 @@ def test_load_refuses_a_damaged_index(demo_index, tmp_path):
     Path(copy / run_index.FAISS_FILE).write_bytes(b"truncated")
     with pytest.raises(run_index.IndexFolderError, match="incomplete or damaged"):
         run_index.load(copy)
+
+
+def test_pca_index_of_the_demo_gives_the_batch_ranking(demo_index, tmp_path):
+    """The approximate path end to end (saved, memory-mapped, re-scored): with every
+    reference a candidate, the ranking is the batch run's."""
+    dataset, batch, _ = demo_index
+    rc = RunConfig(cache=run_index.load(demo_index[2]).rc.cache, top_k=4, expand_to=12, expand_below=1 - 1e-9,
+                   workers=1)
+    folder = tmp_path / "pca"
+    run_index.build(dataset, folder, rc, ann_conf={"pca_dim": 8}, force_kind="pca")
+    loaded = run_index.load(folder)
+    assert loaded.meta["index"]["kind"] == "pca" and isinstance(loaded.ref_desc, np.memmap)
+    batch_rankings = json.loads((batch / "rankings.json").read_text())
+    result = run_index.query(loaded, [dataset.queries["motorcycle_right"]], tmp_path / "out")
+    assert result["rankings"]["motorcycle_right"] == batch_rankings["motorcycle_right"]
