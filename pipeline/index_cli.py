@@ -28,7 +28,7 @@ def index_main(argv) -> int:
                           "--report, --engine do not apply.")
     parser.add_argument("--index-kind", choices=["auto", "flat", "pca"], default="auto",
                         help="faiss index: flat (exact) below 100,000 references, pca above (a 128-d pre-search "
-                             "whose 10 x k candidates are re-scored exactly; README, 'Index and query')")
+                             "whose 20 x k candidates are re-scored exactly; README, 'Index and query')")
     args = parser.parse_args(argv)
     if args.data is None:
         parser.error("--data is required")

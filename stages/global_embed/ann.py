@@ -25,7 +25,7 @@ from . import search
 default_conf = {
     "exact_below": 100_000,  # fewer references: IndexFlatIP, every reference scored
     "pca_dim": 128,  # dimensions of the pre-search
-    "k_factor": 10,  # candidates per query descriptor = k_factor * k, re-scored exactly
+    "k_factor": 20,  # candidates per query descriptor = k_factor * k, re-scored exactly
     "train_size": 100_000,  # references sampled to learn the PCA
     "seed": 0,
 }
