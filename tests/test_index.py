@@ -9,6 +9,7 @@ import pytest
 
 from pipeline import index as run_index
 from pipeline.run import RunConfig, run
+from stages.common import logger
 from stages.common.dataset import load_dataset
 from stages.global_embed import ann
 
@@ -92,6 +93,28 @@ def demo_index(demo_data, weights_cache, tmp_path_factory):
     return dataset, batch, folder
 
 
+@pytest.fixture
+def private_cache(demo_index, tmp_path):
+    """A copy of the session cache, for tests that put bad photos in it (other tests read
+    every entry of the global store)."""
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(run_index.load(demo_index[2]).rc.cache, copy, ignore=shutil.ignore_patterns("demo"))
+    return copy
+
+
+@pytest.fixture
+def restore_logger():
+    """`run_pipeline.py`'s main sets up the package logger; later tests capture its records
+    (test_progress) and need it as they found it."""
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+
+
 def test_query_gives_the_batch_runs_ranking(demo_index, tmp_path):
     dataset, batch, folder = demo_index
     meta = json.loads((folder / run_index.INDEX_JSON).read_text())
@@ -105,13 +128,13 @@ def test_query_gives_the_batch_runs_ranking(demo_index, tmp_path):
     assert json.loads((tmp_path / "rankings.json").read_text()) == result["rankings"]
 
 
-def test_query_names_a_bad_image(demo_index, tmp_path):
+def test_query_names_a_bad_image(demo_index, private_cache, tmp_path):
     dataset, _, folder = demo_index
     bad = tmp_path / "photos" / "broken.jpg"
     bad.parent.mkdir()
     bad.write_bytes(b"not a jpeg at all")
     good = dataset.queries["chelsea_view1"]
-    result = run_index.query(run_index.load(folder), [bad, good], tmp_path / "out")
+    result = run_index.query(run_index.load(folder, private_cache), [bad, good], tmp_path / "out")
     assert list(result["rankings"]) == ["chelsea_view1"]
     assert list(result["skipped"]) == ["broken"]
     assert json.loads((tmp_path / "out" / "skipped.json").read_text())["queries"] == result["skipped"]
@@ -121,13 +144,14 @@ def test_query_names_a_bad_image(demo_index, tmp_path):
         run_index.query(run_index.load(folder), [dataset.references["coffee"]], tmp_path / "out2")
 
 
-def test_query_command_exit_codes(demo_index, tmp_path, capsys):
+def test_query_command_exit_codes(demo_index, private_cache, tmp_path, capsys, restore_logger):
     from pipeline.cli import main
 
     dataset, _, folder = demo_index
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG garbage")
-    assert main(["query", "--index", str(folder), "--output", str(tmp_path / "q"), str(bad)]) == 1
+    assert main(["query", "--index", str(folder), "--cache", str(private_cache), "--output", str(tmp_path / "q"),
+                 str(bad)]) == 1
     assert "broken: not ranked" in capsys.readouterr().err
     assert main(["query", "--index", str(tmp_path / "nowhere"), str(dataset.queries["chelsea_view1"])]) == 2
     assert main(["query", "--index", str(folder), "--output", str(tmp_path / "q"),
