@@ -282,6 +282,69 @@ def bench_scale(sizes: list[int], n_queries: int, k: int, gaussian: Gaussian, hn
     return text, numbers
 
 
+def bench_shortlist(n: int, n_queries: int, k: int, gaussian: Gaussian, pca_dims: list[int], k_factors: list[int],
+                    repeats: int, ivfpq: bool) -> tuple[str, dict]:
+    """The persistent index's approximate kind (`stages.global_embed.ann`: a PCA pre-search
+    by matrix product, exact re-scoring of k_factor x k candidates) at `n` references, with
+    the exact search it replaces and, with `ivfpq`, an IVF fast-scan PQ index re-scored the
+    same way; each row with the 1-minute load average when it was measured."""
+    import os
+
+    import faiss
+
+    from stages.global_embed import ann
+
+    queries = gaussian.draw(n_queries)
+    refs = gaussian.draw(n)
+    rows, numbers = [], {}
+    with timed() as t:
+        truth = numpy_topk(queries, refs, k)
+    exact_ms = t.wall / n_queries * 1e3
+    rows.append([f"{n:,}", "exact (numpy matrix product + argpartition)", "-", "-", fmt(exact_ms, 2),
+                 fmt(t.cpu / n_queries * 1e3, 2), "1.000", "1.000", f"{os.getloadavg()[0]:.2f}"])
+    numbers[f"shortlist_{n}_exact_ms"] = exact_ms
+    for p in pca_dims:
+        conf = dict(ann.default_conf, pca_dim=p)
+        with timed() as t_build:
+            index = ann.build(refs, conf, force="pca")
+        for kf in k_factors:
+            for rep in range(repeats):
+                with timed() as t:
+                    ids, _ = ann.search_shortlist(index, refs, queries, k, dict(conf, k_factor=kf))
+                ms = t.wall / n_queries * 1e3
+                r10, r100 = recall_at(ids, truth, 10), recall_at(ids, truth, k)
+                rows.append([f"{n:,}", f"`ann` PCA{p},Flat + exact re-scoring", f"k_factor {kf} ({kf * k} candidates)"
+                             + (f", repeat {rep + 1}" if repeats > 1 else ""), fmt(t_build.wall, 0), fmt(ms, 2),
+                             fmt(t.cpu / n_queries * 1e3, 2), f"{r10:.3f}", f"{r100:.3f}",
+                             f"{os.getloadavg()[0]:.2f}"])
+                numbers[f"shortlist_{n}_pca{p}_kf{kf}_cpu_ms"] = t.cpu / n_queries * 1e3
+                numbers[f"shortlist_{n}_pca{p}_kf{kf}_ms"] = ms
+                numbers[f"shortlist_{n}_pca{p}_kf{kf}_recall10"] = r10
+                numbers[f"shortlist_{n}_pca{p}_kf{kf}_recall{k}"] = r100
+        del index
+        gc.collect()
+    if ivfpq:
+        nlist = 1024 if n <= 200_000 else 4096
+        with timed() as t_build:
+            index = faiss.index_factory(DIM, f"IVF{nlist},PQ{DIM // 4}x4fs", faiss.METRIC_INNER_PRODUCT)
+            faiss.extract_index_ivf(index).cp.niter = 10
+            index.train(refs[np.random.default_rng(1).choice(n, min(n, 40 * nlist), replace=False)])
+            index.add(refs)
+        for nprobe in (64, 256):
+            faiss.extract_index_ivf(index).nprobe = nprobe
+            with timed() as t:
+                _, cand = index.search(queries, 10 * k)
+                ids, _ = ann.rescore(queries[:, None], refs, cand, k)
+            ms = t.wall / n_queries * 1e3
+            rows.append([f"{n:,}", f"IVF{nlist},PQ{DIM // 4}x4fs + exact re-scoring", f"nprobe {nprobe}, "
+                         f"{10 * k} candidates", fmt(t_build.wall, 0), fmt(ms, 2), fmt(t.cpu / n_queries * 1e3, 2),
+                         f"{recall_at(ids, truth, 10):.3f}",
+                         f"{recall_at(ids, truth, k):.3f}", f"{os.getloadavg()[0]:.2f}"])
+    text = table(["references", "index", "setting", "build s", f"ms/query (wall, batch of {n_queries}, top {k})",
+                  "CPU ms/query", "Recall@10 vs exact", f"Recall@{k} vs exact", "load (1 min)"], rows)
+    return text, numbers
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=SMVS, help="smvs_dvd folder")
@@ -305,6 +368,13 @@ def main():
     parser.add_argument("--rank-refs", type=int, default=36_748,
                         help="full-ranking check: references (hackathon phase 2: 36,748); 0 skips it")
     parser.add_argument("--rank-queries", type=int, default=100, help="full-ranking check: queries timed")
+    parser.add_argument("--shortlist", type=int, default=0, metavar="N",
+                        help="only the persistent index's search (`stages.global_embed.ann`) at N references: "
+                             "PCA pre-search + exact re-scoring against exact search")
+    parser.add_argument("--pca-dims", default="64,128", help="--shortlist: pre-search dimensions")
+    parser.add_argument("--k-factors", default="5,10", help="--shortlist: candidates per query / k")
+    parser.add_argument("--shortlist-repeats", type=int, default=1, help="--shortlist: times each setting is timed")
+    parser.add_argument("--ivfpq", action="store_true", help="--shortlist: also IVF fast-scan PQ + re-scoring")
     parser.add_argument("--json", type=Path, help="merge the measured numbers into this JSON file")
     args = parser.parse_args()
     import faiss
@@ -325,6 +395,14 @@ def main():
             print(f"(no smvs_dvd descriptors to fit: {type(e).__name__}: {e})\n")
     sizes = [int(s) for s in args.sizes.split(",") if s]
     gaussian = Gaussian(sample)
+    if args.shortlist:
+        # threads: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS of the environment (faiss and numpy)
+        text, more = bench_shortlist(args.shortlist, args.queries, args.k, gaussian,
+                                     [int(x) for x in args.pca_dims.split(",")],
+                                     [int(x) for x in args.k_factors.split(",")], args.shortlist_repeats, args.ivfpq)
+        print(text)
+        save_results(args.json, "shortlist_search", more)
+        return
     print(f"Synthetic references, d = {DIM}: "
           + ("Gaussian fitted to the smvs_dvd whitened descriptors" if sample is not None else "isotropic Gaussian")
           + f", unit-normalised; {args.queries} held-out queries from the same distribution.\n")

@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "for queries the top-k left without a well-verified match). Writes rankings.json, "
                     "nsml_results.json, skipped.json, config.json and, with ground truth, metrics.json and "
                     "report.html (see --report). "
-                    "`run_pipeline.py train --help` describes training on the class folders.",
+                    "`run_pipeline.py train --help` describes training on the class folders; "
+                    "`run_pipeline.py index --help` and `query --help` a saved index that new photos are "
+                    "ranked against.",
         formatter_class=_HelpFormatter)
     parser.add_argument("--data", type=Path, default=None,
                         help="data folder in the hackathon layout (test/test_data/{query,reference}/, "
@@ -228,6 +230,10 @@ def main(argv=None) -> int:
         from .train import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] in (["index"], ["query"]):
+        from .index_cli import index_main, query_main
+
+        return (index_main if argv[0] == "index" else query_main)(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.engine != "ray" and (args.ray_address or args.ray_worker_cpus != 1):

@@ -173,6 +173,83 @@ def rank_globally(query_names, ref_names, features: dict, whitening: dict | None
     return order, scores, ranked_refs
 
 
+def learn_reference_side(conf: dict, store: FeatureStore, references: dict[str, Path],
+                         train: dict[str, Path], labels: dict[str, str]):
+    """The whitening and post-processing `main` applies, learned the same way, for a
+    persistent index (`pipeline.index`): only references and training images are read.
+
+    Args:
+        conf: the ranking conf (see `default_conf`).
+        store: the global descriptor store holding `references` and `train`.
+        references: {reference name: path}, in ranking order.
+        train: {training key: path} (`Dataset.training_images`; {} without whitening to learn).
+        labels: {training key: class}.
+
+    Returns:
+        (features {name: arrays} of the readable images, errors {name: reason} of the
+        unreadable references, whitening applied ("learned", "pca", "none"), whitening dict or
+        None, expand: the post-processing conf as `main` applies it, DBA off without whitening).
+
+    Raises:
+        ValueError: as `learn_whitening`.
+    """
+    mode = whitening_mode(conf, store.conf)
+    images = {**references, **train}
+    features, errors = load_from_store(store, images, images)
+    ok_train = [k for k in train if k in features]
+    applied, whitening = learn_whitening(
+        mode, conf["whiten_dim"],
+        np.stack([features[n]["descriptor"] for n in references if n in features] or [np.zeros(1)]),
+        np.stack([features[k]["descriptor"] for k in ok_train]) if ok_train else None,
+        [labels[k] for k in ok_train], store.dir / "whitening")
+    expand = {k: conf[k] for k in EXPANSION_KEYS}
+    if applied == "none":
+        expand["dba_k"] = 0  # as `main`: DBA needs whitened descriptors
+    return features, {n: errors[n] for n in references if n in errors}, applied, whitening, expand
+
+
+def reference_descriptors(ref_names, features: dict, whitening: dict | None, expand: dict | None) -> tuple:
+    """The reference side of `rank_globally`: whitened, then DBA (when `expand` asks).
+
+    Returns:
+        (ok int64 [R'] indices into `ref_names` of the references with a descriptor,
+         float32 [R', D] their descriptors as `rank_globally` ranks them).
+    """
+    ok = np.array([i for i, n in enumerate(ref_names) if n in features], dtype=np.int64)
+    if len(ok) == 0:
+        return ok, np.zeros((0, 0), np.float32)
+    ref_desc = np.stack([features[ref_names[i]]["descriptor"] for i in ok])
+    if whitening is not None:
+        ref_desc = apply_whitening(ref_desc, whitening)
+    if expand:
+        ref_desc = expansion.database_side_augmentation(ref_desc, expand["dba_k"], expand["dba_alpha"],
+                                                        expand["dba_iterations"])
+    return ok, np.ascontiguousarray(ref_desc, np.float32)
+
+
+def query_descriptors(query_features: list[dict], ref_desc: np.ndarray, whitening: dict | None,
+                      query_regions: bool = True, expand: dict | None = None) -> np.ndarray:
+    """The query side of `rank_globally`: whitened region (or whole-image) descriptors,
+    then alpha-QE against `ref_desc` (the `reference_descriptors` output) when `expand` asks.
+
+    Args:
+        query_features: [Q] global entries {"descriptor" [D], "region_descriptors" [G, D]}.
+        ref_desc: float32 [R', D] references as ranked.
+        whitening, query_regions, expand: as in `rank_globally`.
+
+    Returns:
+        float32 [Q, G, D] (G = 1 without query regions).
+    """
+    key = "region_descriptors" if query_regions else "descriptor"
+    query_desc = np.stack([np.atleast_2d(f[key]) for f in query_features])
+    if whitening is not None:
+        query_desc = apply_whitening(query_desc.reshape(-1, query_desc.shape[-1]), whitening).reshape(
+            query_desc.shape[0], query_desc.shape[1], -1)
+    if expand:
+        query_desc = expansion.alpha_query_expansion(query_desc, ref_desc, expand["qe_k"], expand["qe_alpha"])
+    return np.asarray(query_desc, np.float32)
+
+
 def write_ranking(out_dir: Path, query_names: list[str], ref_names: list[str], order: np.ndarray,
                   scores: np.ndarray, top_k: int, unranked: set[str] = frozenset()) -> tuple[Path, Path]:
     """Writes ``global_ranking.npz`` and the shortlist ``pairs-global-top{k}.txt`` (tab-separated
