@@ -62,7 +62,8 @@ class RunConfig:
     @property
     def rank_conf(self) -> dict:
         """The conf of the global ranking step (`stages.global_embed.rank`)."""
-        return {"name": self.whitening, "top_k": self.top_k, "whitening": self.whitening,
+        return {"name": self.whitening, "top_k": self.top_k, "keep": max(self.expand_to, self.top_k),
+                "whitening": self.whitening,
                 "whiten_dim": self.whiten_dim, "query_regions": self.query_regions, **self.expansion}
 
     def as_dict(self) -> dict:
