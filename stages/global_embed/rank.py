@@ -448,7 +448,8 @@ def cli(argv=None):
     from stages.common.dataset import load_dataset
 
     conf = resolve(default_conf, confs, args.conf,
-                   {"top_k": args.top_k, "keep": args.keep, "whiten_dim": args.whiten_dim, "query_regions": args.query_regions,
+                   {"top_k": args.top_k, "keep": args.keep, "whiten_dim": args.whiten_dim,
+                    "query_regions": args.query_regions,
                     **expansion.conf_from_args(args)})
     dataset = load_dataset(args.data)
     for path in main(conf, args.features, dataset, args.output):
