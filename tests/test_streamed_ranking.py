@@ -182,3 +182,24 @@ def test_merge_of_a_kept_shortlist_equals_the_whole_matrix_merge(tmp_path, featu
     expected = verified_qe.expand(expected, by_ref, confident, ref_desc, conf["verified_qe"])
     assert json.loads(out.read_text()) == order_to_names(expected, queries, refs)
     assert not np.array_equal(expected[:, 6:], order[:, 6:]), "the expansion should reorder below the kept positions"
+
+
+def test_a_run_above_the_in_memory_size_returns_lazy_rankings(demo_data, weights_cache, tmp_path, monkeypatch):
+    """Above `IN_MEMORY_NAMES` the run returns a `StreamedRankings`; it reads as
+    rankings.json, and the report and metrics come out as from the in-memory run."""
+    from pipeline import outputs
+    from pipeline import run as run_module
+    from pipeline.run import RunConfig, run
+    from stages.common.dataset import load_dataset
+
+    dataset = load_dataset(demo_data)
+    rc = RunConfig(stages=("global",), cache=weights_cache, report=3)
+    small = run(dataset, tmp_path / "small", rc)
+    monkeypatch.setattr(run_module, "IN_MEMORY_NAMES", 0)
+    large = run(dataset, tmp_path / "large", rc)
+    assert isinstance(large["rankings"], outputs.StreamedRankings) and isinstance(small["rankings"], dict)
+    assert large["rankings"] == small["rankings"] == json.loads((tmp_path / "large" / "rankings.json").read_text())
+    assert large["metrics"] == small["metrics"] and large["metrics"]["global"]["n_queries"] > 0
+    assert large["report"] is not None and large["report"].exists()
+    for name in ("rankings.json", "nsml_results.json"):
+        assert (tmp_path / "large" / name).read_bytes() == (tmp_path / "small" / name).read_bytes()
