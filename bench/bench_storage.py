@@ -95,14 +95,16 @@ def quantized_store(store, root: Path):
 def verify_quality(store, run: Path, cache: Path, data: Path, workers: int) -> tuple[str, dict]:
     from pipeline.evaluate import evaluate
     from stages.common.dataset import load_dataset
-    from stages.common.shortlist import order_to_names, read_pairs, read_ranking
+    from stages.common.shortlist import RankingFile, order_to_names, read_pairs
     from stages.rerank import inliers as inlier_cache
     from stages.rerank import merge, verify
 
     dataset = load_dataset(data)
     conf = dict(verify.default_conf, name="mnn-affine-opencv")
-    ranking = read_ranking(run / "global_ranking.npz")
-    qn, rn = [str(x) for x in ranking["query_names"]], [str(x) for x in ranking["ref_names"]]
+    stored = RankingFile(run / "global_ranking.npz")
+    full_order, full_scores = stored.full(np.arange(len(stored)))  # a small set: the full rankings
+    ranking = {"order": full_order, "scores": full_scores}
+    qn, rn = [str(x) for x in stored.query_names], [str(x) for x in stored.ref_names]
     windows = sorted(run.glob("pairs-global-top*.txt"))
     k = int(windows[0].name.split("top")[1].split("-")[0].split(".")[0])
     depth = max([k] + [int(w.stem.split("window")[1]) + k for w in windows if "window" in w.name])

@@ -12,7 +12,7 @@ the text between ``<!-- section:NAME -->`` and ``<!-- /section:NAME -->`` in BEN
 to WORKDIR/results.json, from which the headline table (targets) is rebuilt.
 
 Order: e2e (the cold run fills WORKDIR/cache, which the later scripts read), extraction,
-verification, search, shortlist, storage, projection, headline.
+verification, search, shortlist, storage, rank_memory, projection, headline.
 """
 
 import argparse
@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import REPO, SMVS, load_average, machine_line, table  # noqa: E402
 
-SECTIONS = ("e2e", "extraction", "verification", "search", "search_d128", "shortlist", "storage", "project")
+SECTIONS = ("e2e", "extraction", "verification", "search", "search_d128", "shortlist", "storage", "rank_memory",
+            "project")
 
 
 def wait_for_quiet(max_load: float, max_wait_min: float) -> str:
@@ -76,6 +77,9 @@ def commands(work: Path, results: Path, quick: bool, baseline: Path | None) -> d
         + (["--ks", "10", "--no-expansion-ks", "", "--no-exhaustive"] if quick else []),
         "storage": py + ["bench/bench_storage.py", "--run", str(work / "cold"), "--json", str(results)]
         + (["--no-verify"] if quick else []),
+        # the two ~10 GB JSON files serialised in full, their bytes dropped (/dev/null)
+        "rank_memory": py + ["bench/bench_rank_memory.py", "--sink", "null", "--results", str(results)]
+        + (["--queries", "2000", "--refs", "4000"] if quick else []),
         "project": py + ["bench/project_hackathon.py", "--results", str(results)],
     }
     return cmds

@@ -11,7 +11,7 @@ import numpy as np
 from scipy.stats import mannwhitneyu
 
 from stages.common.cache import FeatureStore, atomic_write_json
-from stages.common.shortlist import read_pairs, read_ranking
+from stages.common.shortlist import RankingFile, read_pairs, read_ranking
 from stages.rerank import calibrate
 from stages.rerank.inliers import load_inliers
 
@@ -50,6 +50,7 @@ def verified_pairs(ranking_path, pairs_paths, inliers_dir, calibration: dict) ->
         same-product probability)}.
     """
     ranking = read_ranking(ranking_path)
+    full = None  # RankingFile, for a pair below the stored positions (not in a pipeline run)
     row = {q: i for i, q in enumerate(ranking["query_names"].tolist())}
     position = {}
     store = FeatureStore.open(inliers_dir)
@@ -63,8 +64,12 @@ def verified_pairs(ranking_path, pairs_paths, inliers_dir, calibration: dict) ->
     for q, r, _ in pairs:
         i = row[q]
         if i not in position:
-            position[i] = {ref_names[j]: p for p, j in enumerate(ranking["order"][i])}
-        scores.append(ranking["scores"][i, position[i][r]])
+            position[i] = {ref_names[j]: s for j, s in zip(ranking["order"][i], ranking["scores"][i], strict=True)}
+        if r not in position[i]:
+            full = full or RankingFile(ranking_path)
+            order, ranked = full.full([i])
+            position[i] = {ref_names[j]: s for j, s in zip(order[0], ranked[0], strict=True)}
+        scores.append(position[i][r])
     scores = np.array(scores, np.float64)
     inliers = np.array([n for _, _, n in pairs], np.float64)
     probability = calibrate.probability(calibration, scores, inliers) if pairs else np.zeros(0)

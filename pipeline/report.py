@@ -27,7 +27,7 @@ import numpy as np
 from stages.common import logger
 from stages.common.cache import FeatureStore, atomic_write_bytes
 from stages.common.images import ImageReadError, read_image, resize_by, resize_max_side
-from stages.common.shortlist import read_pairs, read_ranking
+from stages.common.shortlist import RankingFile, read_pairs
 from stages.rerank import calibrate
 from stages.rerank.inliers import load_inliers, load_matches
 
@@ -139,7 +139,7 @@ class ReportData:
 
 
 def select_queries(final: dict[str, list[str]], ground_truth: dict[str, set[str]] | None, n: int,
-                   seed: int = 0) -> list[str]:
+                   seed: int = 0, aps: dict[str, float] | None = None) -> list[str]:
     """The queries a report shows.
 
     Args:
@@ -147,14 +147,17 @@ def select_queries(final: dict[str, list[str]], ground_truth: dict[str, set[str]
         ground_truth: {query: relevant references} or None.
         n: how many (>= 0).
         seed: the sample's seed (without ground truth).
+        aps: {query: final AP} of the queries with ground truth, when the caller has them
+            (`pipeline.outputs.write_streamed`; computed from `final` otherwise).
 
     Returns:
         With ground truth: the `n` queries with ground truth of lowest final AP, worst first
         (ties by name). Without: a seeded sample of `n` queries, in name order.
     """
     if ground_truth is not None:
-        aps = {q: average_precision(relevant_ranks(refs, ground_truth[q]), len(ground_truth[q]))
-               for q, refs in final.items() if ground_truth.get(q)}
+        if aps is None:
+            aps = {q: average_precision(relevant_ranks(refs, ground_truth[q]), len(ground_truth[q]))
+                   for q, refs in final.items() if ground_truth.get(q)}
         return sorted(aps, key=lambda q: (aps[q], q))[:n]
     names = sorted(final)
     if n >= len(names):
@@ -201,7 +204,7 @@ def collect(rankings_by_stage: dict[str, dict[str, list[str]]], images: dict[str
             title: str = "", ground_truth: dict[str, set[str]] | None = None, metrics: dict | None = None,
             timings: dict | None = None, summary=(), ranking_path: Path | None = None, pairs_paths=(),
             inliers_dir: Path | None = None, calibration_path: Path | None = None,
-            pairs_table: dict | None = None) -> ReportData:
+            pairs_table: dict | None = None, aps: dict[str, float] | None = None) -> ReportData:
     """Gathers what a report shows from a run's outputs.
 
     Args:
@@ -222,24 +225,24 @@ def collect(rankings_by_stage: dict[str, dict[str, list[str]]], images: dict[str
         calibration_path: ``calibration.json`` or None (`calibrate.DEFAULT`).
         pairs_table: the run's `pipeline.analysis.verified_pairs` table when the caller has
             it (read from the inlier cache otherwise).
+        aps: {query: final AP} when the caller has them (`select_queries`).
 
     Returns:
         The `ReportData`.
     """
     final = rankings_by_stage[list(rankings_by_stage)[-1]]
     first = rankings_by_stage.get("global", final)
-    shown = select_queries(final, ground_truth, n_queries)
+    shown = select_queries(final, ground_truth, n_queries, aps=aps)
     calibration = calibrate.read(calibration_path)
     scores: dict[str, dict[str, float]] = {}
     if ranking_path is not None:
-        ranking = read_ranking(ranking_path)
-        ref_names = ranking["ref_names"].tolist()
-        row = {q: i for i, q in enumerate(ranking["query_names"].tolist())}
+        ranking = RankingFile(ranking_path)
+        ref_names = ranking.ref_names.tolist()
+        row = {q: i for i, q in enumerate(ranking.query_names.tolist())}
         for q in shown:
             if q in row:
-                i = row[q]
-                scores[q] = {ref_names[j]: float(s) for j, s in zip(ranking["order"][i], ranking["scores"][i],
-                                                                       strict=True)}
+                order, ranked = ranking.full([row[q]])
+                scores[q] = {ref_names[j]: float(s) for j, s in zip(order[0], ranked[0], strict=True)}
     verified = inliers_dir is not None
     counts: dict[str, dict[str, int]] = {q: {} for q in shown}
     matches: dict[str, dict] = {}

@@ -14,7 +14,7 @@ from stages.common import logger
 from stages.common.cache import atomic_write_json, remove_stale_temp_files
 from stages.common.conf import conf_hash, resolve
 from stages.common.dataset import Dataset
-from stages.common.shortlist import order_to_names, read_pairs, read_ranking, write_pairs
+from stages.common.shortlist import RankingFile, read_pairs, read_ranking, write_pairs
 from stages.global_embed import expansion as global_expansion
 from stages.global_embed import extract as global_extract
 from stages.global_embed import rank as global_rank
@@ -27,8 +27,7 @@ from stages.rerank import verify as rerank_verify
 from . import report as run_report
 from .analysis import summary_line, verification_stats, verified_pairs
 from .engines import Engine, LocalEngine
-from .evaluate import evaluate
-from .outputs import write_nsml_results, write_rankings
+from .outputs import IN_MEMORY_NAMES, StreamedRankings, write_streamed
 
 STAGES = ("global", "local", "rerank")
 
@@ -62,7 +61,8 @@ class RunConfig:
     @property
     def rank_conf(self) -> dict:
         """The conf of the global ranking step (`stages.global_embed.rank`)."""
-        return {"name": self.whitening, "top_k": self.top_k, "whitening": self.whitening,
+        return {"name": self.whitening, "top_k": self.top_k, "keep": max(self.expand_to, self.top_k),
+                "whitening": self.whitening,
                 "whiten_dim": self.whiten_dim, "query_regions": self.query_regions, **self.expansion}
 
     def as_dict(self) -> dict:
@@ -210,6 +210,12 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig, engine: Engine | None = 
     its pictures in ``report_files/`` (`pipeline.report`), written last: a report that
     fails is logged and leaves every other output in place.
 
+    Memory is bounded by a batch of queries, not by queries x references: stage 1 keeps
+    each query's first ``max(expand_to, top_k)`` references (``global_ranking.npz``, with
+    the descriptors that regenerate the rest), and ``rankings.json``,
+    ``nsml_results.json`` and every stage's metrics are produced together a batch at a
+    time (`outputs.write_streamed`).
+
     Every query gets every reference exactly once. Unreadable images are listed in
     ``skipped.json`` ({"queries": {name: reason}, "references": {name: reason}}) and
     logged once each: an unreadable reference is ranked last (in name order) in every
@@ -222,7 +228,10 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig, engine: Engine | None = 
 
     Returns:
         {"metrics": {stage: metrics} (empty without ground truth), "timings": {stage: s},
-         "skipped": {"queries": {...}, "references": {...}}, "rankings": final rankings,
+         "skipped": {"queries": {...}, "references": {...}}, "rankings": the final rankings
+         {query: [every reference, best first]} (a dict up to `outputs.IN_MEMORY_NAMES`
+         query x reference names; above it an `outputs.StreamedRankings` mapping that
+         regenerates a query's ranking when read, as rankings.json holds it),
          "verification": `analysis.verification_stats` or None without reranking,
          "report": the ``report.html`` path, or None (off, or it failed)}.
 
@@ -264,30 +273,44 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig, engine: Engine | None = 
         logger.warning("%d unreadable queries (given the references in name order) and %d unreadable "
                        "references (ranked last): see %s", len(skipped["queries"]), len(skipped["references"]),
                        out_dir / "skipped.json")
-    ranking = read_ranking(ranking_path)
-    rankings_by_stage = {"global": order_to_names(ranking["order"], ranking["query_names"].tolist(),
-                                                  ranking["ref_names"].tolist())}
+    ranking = RankingFile(ranking_path)
+    query_names, ref_names = ranking.query_names.tolist(), ranking.ref_names.tolist()
+    ranked = ("global",)
+    merger = None
     if "rerank" in stages:
         readable = [r for r in dataset.references if r not in unreadable]
         calibration = (calibrate_verification(rc, dataset, out_dir, global_dir, timings, readable, engine)
                        if dataset.train else None)
         inlier_dir, windows = verify_with_expansion(rc, dataset, out_dir, ranking_path, pairs_path, local_dir,
                                                     timings, rerank_calibrate.read(calibration), unreadable, engine)
-        rankings_path = rerank_merge.main(rc.rerank_conf["merge"], ranking_path, windows, inlier_dir, out_dir,
-                                          calibration, out_dir / global_rank.REFERENCE_DESCRIPTORS)
-        rankings_by_stage["rerank"] = json.loads(rankings_path.read_text())
-        write_nsml_results(out_dir, rankings_by_stage["rerank"])
+        merger = rerank_merge.Merger(rc.rerank_conf["merge"], ranking_path, windows, inlier_dir, calibration,
+                                     out_dir / global_rank.REFERENCE_DESCRIPTORS)
+        ranked = ("global", "rerank")
+    # rankings.json, nsml_results.json and the metrics of every stage, a batch of queries at a time
+    start = time.perf_counter()
+    in_memory = len(query_names) * len(ref_names) <= IN_MEMORY_NAMES
+    streamed = write_streamed(out_dir, query_names, ref_names, stage_batches(ranking, merger), ranked,
+                              dataset.ground_truth, keep=in_memory)
+    logger.info("rankings.json, nsml_results.json and the metrics of %s: %d queries x %d references in %.1f s",
+                " and ".join(ranked), len(query_names), len(ref_names), time.perf_counter() - start)
+    if merger is not None:
+        merger.log_expansion()
         # read from the inlier cache once, for verification_stats.json and the report
         pairs_table = verified_pairs(ranking_path, windows, inlier_dir, rerank_calibrate.read(calibration))
         verification = verification_stats(ranking_path, windows, inlier_dir, calibration, dataset.ground_truth,
                                           out_dir / "verification_stats.json", pairs_table)
+    if in_memory:
+        rankings_by_stage = streamed["rankings"]
     else:
-        write_rankings(out_dir, rankings_by_stage["global"])
-    final = rankings_by_stage[list(rankings_by_stage)[-1]]
+        rankings_by_stage = {"global": StreamedRankings(query_names, ref_names, lambda rows: ranking.full(rows)[0])}
+        if merger is not None:
+            rankings_by_stage["rerank"] = StreamedRankings(query_names, ref_names,
+                                                           lambda rows: merger.merge(rows, *ranking.full(rows)))
+    final = rankings_by_stage[ranked[-1]]
 
     metrics = {}
     if dataset.ground_truth is not None:
-        metrics = {stage: evaluate(names, dataset.ground_truth) for stage, names in rankings_by_stage.items()}
+        metrics = streamed["metrics"]
         atomic_write_json(out_dir / "metrics.json", {"metrics": metrics, "timings_s": timings})
     report = None
     if rc.report > 0:
@@ -300,15 +323,28 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig, engine: Engine | None = 
             summary.append(f"unreadable: {len(skipped['queries'])} queries, {len(skipped['references'])} "
                            "references (skipped.json)")
         report = write_report(out_dir, rc.report, dataset, rankings_by_stage, metrics, timings, summary,
-                              ranking_path, windows, inlier_dir, calibration, pairs_table)
+                              ranking_path, windows, inlier_dir, calibration, pairs_table,
+                              streamed["aps"].get(ranked[-1]))
     return {"metrics": metrics, "timings": timings, "skipped": skipped, "rankings": final,
             "pairs": pairs_path, "config_hash": conf_hash(rc.as_dict()), "verification": verification,
             "report": report}
 
 
+def stage_batches(ranking: RankingFile, merger: rerank_merge.Merger | None = None, batch: int = 128):
+    """Yields (rows int [b], {"global": int32 [b, R], "rerank": int32 [b, R] with a
+    `merger`}) over every query of `ranking`, `batch` at a time."""
+    if merger is None:
+        for rows, order, _ in ranking.batches(batch):
+            yield rows, {"global": order}
+    else:
+        for rows, order, scores in ranking.batches(batch):
+            yield rows, {"global": order, "rerank": merger.merge(rows, order, scores)}
+
+
 def write_report(out_dir: Path, n_queries: int, dataset: Dataset, rankings_by_stage: dict, metrics: dict,
                  timings: dict, summary: list[str], ranking_path: Path, pairs_paths: list[Path],
-                 inlier_dir: Path | None, calibration: Path | None, pairs_table: dict | None = None) -> Path | None:
+                 inlier_dir: Path | None, calibration: Path | None, pairs_table: dict | None = None,
+                 aps: dict[str, float] | None = None) -> Path | None:
     """Writes ``report.html`` (`pipeline.report`) after every other output of the run.
 
     Returns:
@@ -321,7 +357,8 @@ def write_report(out_dir: Path, n_queries: int, dataset: Dataset, rankings_by_st
         data = run_report.collect(rankings_by_stage, dataset.images, n_queries, title=str(dataset.root),
                                   ground_truth=dataset.ground_truth, metrics=metrics, timings=timings,
                                   summary=summary, ranking_path=ranking_path, pairs_paths=pairs_paths,
-                                  inliers_dir=inlier_dir, calibration_path=calibration, pairs_table=pairs_table)
+                                  inliers_dir=inlier_dir, calibration_path=calibration, pairs_table=pairs_table,
+                                  aps=aps)
         path = run_report.build_report(out_dir, data)
     except Exception as e:  # a report is a view of the outputs: never let it fail the run
         logger.error("report.html not written (%s: %s); rankings.json and the other outputs are complete",

@@ -67,22 +67,78 @@ def test_rank_all_ranks_nan_references_last(backend):
     assert scores[0, 2] == -np.inf
 
 
-@pytest.mark.parametrize("max_k", [1, 7, 49, 50, 2048])
-def test_rank_all_over_indexes_of_at_most_max_k_references(max_k):
-    """faiss GPU indexes answer k <= 2048 only: the references are split into indexes of
-    max_k, each searched whole; the ranking is that of one index (R = 50 here, one NaN)."""
-    from stages.global_embed.search import make_indexes
+def integer_descriptors(rng, shape):
+    """Small integers as float32: every inner product exact, many tied (faiss and numpy
+    then compute the same scores, so their rankings must agree position by position)."""
+    return rng.integers(-2, 3, size=shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("max_k", [2, 7, 49, 50, 2048])
+@pytest.mark.parametrize("k", [1, 5, 25, 50])
+def test_shortlist_is_the_top_of_the_stable_full_ranking(max_k, k):
+    """faiss searches at most max_k neighbours (GPU indexes answer k <= 2048); where that
+    cannot hold the exact top k, the matrix product ranks it: the result is always the
+    first k positions of the stable full ranking, ties by index (R = 50, one NaN)."""
+    from stages.global_embed.search import shortlist_all
 
     rng = np.random.default_rng(3)
-    refs = l2_normalize(rng.normal(size=(50, 16)))
+    refs = integer_descriptors(rng, (50, 4))
     refs[20] = np.nan
-    queries = l2_normalize(rng.normal(size=(6, 2, 16)))
-    order, scores = rank_all(queries, refs, backend="faiss", max_k=max_k)
-    blas_order, blas_scores = rank_all(queries, refs, backend="blas")
-    np.testing.assert_array_equal(order, blas_order)
-    np.testing.assert_allclose(scores, blas_scores, atol=1e-5)
-    sizes = [index.ntotal for _, index in make_indexes(np.ascontiguousarray(refs), max_k, 0)]
-    assert max(sizes) <= max_k and sum(sizes) == 50
+    queries = integer_descriptors(rng, (6, 2, 4))
+    order, scores = shortlist_all(queries, refs, k, backend="faiss", max_k=max_k)
+    full_order, full_scores = rank_all(queries, refs, backend="blas")
+    np.testing.assert_array_equal(order, full_order[:, :k])
+    np.testing.assert_array_equal(scores, full_scores[:, :k])
+    assert k == 50 or (full_scores[:, k - 1] == full_scores[:, k]).any()  # a tie across the cut, decided by index
+
+
+class FakeGpuIndex:
+    """A CPU IndexFlatIP that answers as a faiss GPU index: k <= 2048 or an error."""
+
+    searches: list[int] = []
+
+    def __init__(self, dim: int, gpus: int | None = None):
+        import faiss
+
+        assert gpus and gpus > 0, "the GPU path builds its index for the GPUs"
+        self.index = faiss.IndexFlatIP(dim)
+
+    def add(self, x):
+        self.index.add(x)
+
+    @property
+    def ntotal(self):
+        return self.index.ntotal
+
+    def search(self, x, k):
+        from stages.global_embed.search import GPU_MAX_K
+
+        if k > GPU_MAX_K:
+            raise RuntimeError(f"k = {k} > {GPU_MAX_K}: faiss GPU indexes answer k <= 2048")
+        FakeGpuIndex.searches.append(k)
+        return self.index.search(x, k)
+
+
+@pytest.mark.parametrize("k", [400, 2047, 3000])
+def test_gpu_path_ranks_more_than_2048_references_as_the_cpu(monkeypatch, k):
+    """With faiss seeing a GPU (faked), ranking 5000 references asks faiss for <= 2048
+    neighbours only and gives the CPU's ranking, position by position (k = 3000 cannot be
+    searched on a GPU: the matrix product ranks that top)."""
+    from stages.global_embed import search
+
+    rng = np.random.default_rng(4)
+    refs = integer_descriptors(rng, (5000, 6))
+    queries = integer_descriptors(rng, (9, 3, 6))
+    cpu_order, cpu_scores = rank_all(queries, refs, backend="faiss", top_k=k)
+    FakeGpuIndex.searches = []
+    monkeypatch.setattr(search, "faiss_gpus", lambda: 1)
+    monkeypatch.setattr(search, "make_index", FakeGpuIndex)
+    gpu_order, gpu_scores = rank_all(queries, refs, backend="faiss", top_k=k)
+    np.testing.assert_array_equal(gpu_order, cpu_order)
+    np.testing.assert_array_equal(gpu_scores, cpu_scores)
+    np.testing.assert_array_equal(gpu_order, rank_all(queries, refs, backend="blas")[0])
+    assert all(sorted(row) == list(range(5000)) for row in gpu_order.tolist())
+    assert FakeGpuIndex.searches == ([] if k > 2047 else [min(2 * k, 2048)])
 
 
 def test_rank_all_faiss_and_blas_agree():

@@ -5,7 +5,9 @@ database-side augmentation and query expansion when the conf asks (`expansion`; 
 default), ranks all references for every query (`search.rank_all`, faiss) and writes, into
 the output folder:
 
-- ``global_ranking.npz``: the full ranking (`stages.common.shortlist.save_ranking`);
+- ``global_ranking.npz``: each query's first ``keep`` references and scores, and the
+  descriptors that regenerate the rest of its ranking (`stages.common.shortlist.save_ranking`,
+  `RankingFile`): memory and file grow as Q x keep, not Q x R;
 - ``pairs-global-top{k}.txt``: the top-k shortlist that stages 2 and 3 read;
 - ``reference_descriptors.npz``: "ref_names" str [R], "descriptors" float16 [R, D], the
   reference descriptors as ranked (whitened, after DBA; zero rows for unreadable ones),
@@ -30,7 +32,7 @@ from stages.common.conf import resolve
 from stages.common.dataset import Dataset
 from stages.common.extraction import load_from_store
 from stages.common.pca import apply_whitening, learn_pca_whitening
-from stages.common.shortlist import save_ranking, write_pairs
+from stages.common.shortlist import complete_orders, save_ranking, similarities, write_pairs
 
 from . import expansion, search
 from .whitening import learn_cached, learn_pair_whitening
@@ -39,6 +41,9 @@ WHITENINGS = ("auto", "learned", "pca", "none")
 
 default_conf = {
     "top_k": 100,  # shortlist length per query handed to stages 2 and 3
+    # positions of each query's ranking kept in global_ranking.npz (the pipeline's expand_to:
+    # the deepest window verified); the rest is regenerated from the stored descriptors
+    "keep": 400,
     # auto: learned from the training classes' matching pairs when there are any and the
     # descriptors come from ImageNet weights; none with a trained model or no training data.
     "whitening": "auto",
@@ -121,9 +126,11 @@ def learn_whitening(mode: str, dim: int, ref_desc: np.ndarray, train_desc: np.nd
     return "none", None
 
 
-def rank_globally(query_names, ref_names, features: dict, whitening: dict | None = None,
-                  query_regions: bool = True, expand: dict | None = None, with_references: bool = False):
-    """Ranks every reference for every query by global descriptor similarity.
+def shortlist_globally(query_names, ref_names, features: dict, whitening: dict | None = None,
+                       query_regions: bool = True, expand: dict | None = None,
+                       keep: int | None = None) -> dict[str, np.ndarray]:
+    """Each query's first `keep` references by global descriptor similarity, and the
+    descriptors that regenerate the rest of its ranking.
 
     References without a descriptor (unreadable) are ranked last, in name order; a query
     without one gets the references in name order.
@@ -136,19 +143,27 @@ def rank_globally(query_names, ref_names, features: dict, whitening: dict | None
         query_regions: score a reference by the best of the query's region descriptors.
         expand: "dba_k", "dba_alpha", "dba_iterations", "qe_k", "qe_alpha" (`expansion`),
             applied after the whitening; None: neither.
-        with_references: also return the reference descriptors the ranking used.
+        keep: positions kept per query (None: all R).
 
     Returns:
-        (order int32 [Q, R], scores float32 [Q, R]; -inf where no score exists), and with
-        `with_references` the reference descriptors float32 [R, D] as ranked (whitened,
-        augmented; zero rows for references without a descriptor, D = 0 when none has one).
+        {"order" int32 [Q, E], "scores" float32 [Q, E] (-inf where no score exists), E =
+        min(keep, R); the `save_ranking` descriptors "query_descriptors" float32 [Q', G, D],
+        "query_rows" int64 [Q'], "ref_descriptors" float32 [R', D], "ref_columns" int64
+        [R'] (the readable ones, as ranked: whitened, augmented); "ranked_refs" float32
+        [R, D] the reference descriptors with zero rows for unreadable ones (D = 0 when
+        none has one)}.
     """
+    n_refs = len(ref_names)
+    depth = n_refs if keep is None else min(keep, n_refs)
     ok_refs = np.array([i for i, n in enumerate(ref_names) if n in features], dtype=np.int64)
     ok_queries = np.array([i for i, n in enumerate(query_names) if n in features], dtype=np.int64)
-    order = np.tile(np.arange(len(ref_names), dtype=np.int32), (len(query_names), 1))
+    order = np.tile(np.arange(depth, dtype=np.int32), (len(query_names), 1))
     scores = np.full(order.shape, -np.inf, np.float32)
+    out = {"order": order, "scores": scores, "query_rows": ok_queries, "ref_columns": ok_refs}
     if len(ok_refs) == 0 or len(ok_queries) == 0:
-        return (order, scores, np.zeros((len(ref_names), 0), np.float32)) if with_references else (order, scores)
+        return {**out, "query_descriptors": np.zeros((0, 1, 0), np.float32),
+                "ref_descriptors": np.zeros((len(ok_refs), 0), np.float32),
+                "query_rows": ok_queries[:0], "ranked_refs": np.zeros((n_refs, 0), np.float32)}
     key = "region_descriptors" if query_regions else "descriptor"
     ref_desc = np.stack([features[ref_names[i]]["descriptor"] for i in ok_refs])
     query_desc = np.stack([np.atleast_2d(features[query_names[i]][key]) for i in ok_queries])
@@ -160,17 +175,60 @@ def rank_globally(query_names, ref_names, features: dict, whitening: dict | None
         ref_desc = expansion.database_side_augmentation(ref_desc, expand["dba_k"], expand["dba_alpha"],
                                                         expand["dba_iterations"])
         query_desc = expansion.alpha_query_expansion(query_desc, ref_desc, expand["qe_k"], expand["qe_alpha"])
-    sub_order, sub_scores = search.rank_all(query_desc, ref_desc)
-    failed_refs = np.setdiff1d(np.arange(len(ref_names)), ok_refs).astype(np.int32)
-    n_ok = len(ok_refs)
-    order[ok_queries[:, None], np.arange(n_ok)] = ok_refs[sub_order]
-    order[ok_queries[:, None], np.arange(n_ok, len(ref_names))] = failed_refs
-    scores[ok_queries[:, None], np.arange(n_ok)] = sub_scores
-    if not with_references:
-        return order, scores
-    ranked_refs = np.zeros((len(ref_names), ref_desc.shape[1]), np.float32)
+    query_desc = np.ascontiguousarray(query_desc, np.float32)
+    ref_desc = np.ascontiguousarray(ref_desc, np.float32)
+    sub_order, sub_scores = search.shortlist_all(query_desc, ref_desc, depth)
+    n_top = sub_order.shape[1]  # min(depth, readable references)
+    failed_refs = np.setdiff1d(np.arange(n_refs), ok_refs).astype(np.int32)
+    order[ok_queries[:, None], np.arange(n_top)] = ok_refs[sub_order]
+    order[ok_queries[:, None], np.arange(n_top, depth)] = failed_refs[:depth - n_top]
+    scores[ok_queries[:, None], np.arange(n_top)] = sub_scores
+    ranked_refs = np.zeros((n_refs, ref_desc.shape[1]), np.float32)
     ranked_refs[ok_refs] = ref_desc
-    return order, scores, ranked_refs
+    return {**out, "query_descriptors": query_desc, "ref_descriptors": ref_desc, "ranked_refs": ranked_refs}
+
+
+def rank_globally(query_names, ref_names, features: dict, whitening: dict | None = None,
+                  query_regions: bool = True, expand: dict | None = None, with_references: bool = False,
+                  keep: int = 400):
+    """Ranks every reference for every query by global descriptor similarity, in full.
+
+    The ranking the pipeline writes: `shortlist_globally` to `keep` positions, the rest
+    regenerated as `stages.common.shortlist.RankingFile.full` does. For small sets (the
+    training calibration, a dev set): memory grows as Q x R.
+
+    Args:
+        query_names, ref_names, features, whitening, query_regions, expand: as
+            `shortlist_globally`.
+        with_references: also return the reference descriptors the ranking used.
+        keep: positions ranked by the faiss search.
+
+    Returns:
+        (order int32 [Q, R], scores float32 [Q, R]; -inf where no score exists), and with
+        `with_references` the reference descriptors float32 [R, D] as ranked (whitened,
+        augmented; zero rows for references without a descriptor, D = 0 when none has one).
+    """
+    short = shortlist_globally(query_names, ref_names, features, whitening, query_regions, expand, keep)
+    order, scores = full_ranking(short, len(ref_names))
+    return (order, scores, short["ranked_refs"]) if with_references else (order, scores)
+
+
+def full_ranking(short: dict[str, np.ndarray], n_refs: int, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """int32 [Q, R] order and float32 [Q, R] scores of every query from a
+    `shortlist_globally` result (`RankingFile.full`'s rule)."""
+    n_queries, depth = short["order"].shape
+    if depth == n_refs:
+        return short["order"], short["scores"]
+    order = np.tile(np.arange(n_refs, dtype=np.int32), (n_queries, 1))
+    scores = np.full(order.shape, -np.inf, np.float32)
+    rows, ref_t = short["query_rows"], np.ascontiguousarray(short["ref_descriptors"].T)
+    for start in range(0, len(rows), batch):
+        sel = rows[start:start + batch]
+        block = short["query_descriptors"][start:start + batch]
+        o, s = complete_orders(short["order"][sel], similarities(block, ref_t), short["ref_columns"], n_refs)
+        s[:, :depth] = short["scores"][sel]
+        order[sel], scores[sel] = o, s
+    return order, scores
 
 
 def learn_reference_side(conf: dict, store: FeatureStore, references: dict[str, Path],
@@ -251,17 +309,20 @@ def query_descriptors(query_features: list[dict], ref_desc: np.ndarray, whitenin
 
 
 def write_ranking(out_dir: Path, query_names: list[str], ref_names: list[str], order: np.ndarray,
-                  scores: np.ndarray, top_k: int, unranked: set[str] = frozenset()) -> tuple[Path, Path]:
-    """Writes ``global_ranking.npz`` and the shortlist ``pairs-global-top{k}.txt`` (tab-separated
-    "query<TAB>reference" lines, `write_pairs`). Names in `unranked` (unreadable images) are
-    left out of the shortlist: queries entirely, references from every query's top-k.
+                  scores: np.ndarray, top_k: int, unranked: set[str] = frozenset(),
+                  descriptors: dict[str, np.ndarray] | None = None) -> tuple[Path, Path]:
+    """Writes ``global_ranking.npz`` (`save_ranking`: order and scores [Q, E], and with E <
+    R the `descriptors` that regenerate the rest) and the shortlist
+    ``pairs-global-top{k}.txt`` (tab-separated "query<TAB>reference" lines, `write_pairs`).
+    Names in `unranked` (unreadable images) are left out of the shortlist: queries
+    entirely, references from every query's top-k.
 
     Returns:
         (ranking path, pairs path).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ranking_path = save_ranking(out_dir / "global_ranking.npz", query_names, ref_names, order, scores)
+    ranking_path = save_ranking(out_dir / "global_ranking.npz", query_names, ref_names, order, scores, descriptors)
     pairs_path = out_dir / f"pairs-global-top{top_k}.txt"
     write_pairs(pairs_path, [(q, ref_names[j]) for i, q in enumerate(query_names) if q not in unranked
                              for j in order[i, :top_k] if ref_names[j] not in unranked])
@@ -330,10 +391,12 @@ def main(conf: dict, features_dir: Path, dataset: Dataset, out_dir: Path,
         logger.info("global post-processing: database-side augmentation k=%d alpha=%g (x%d) over the references, "
                     "alpha query expansion k=%d alpha=%g", expand["dba_k"], expand["dba_alpha"],
                     expand["dba_iterations"], expand["qe_k"], expand["qe_alpha"])
-    order, scores, ref_desc = rank_globally(query_names, ref_names, features, whitening, conf["query_regions"],
-                                            expand, with_references=True)
+    short = shortlist_globally(query_names, ref_names, features, whitening, conf["query_regions"], expand,
+                               max(conf["keep"], conf["top_k"]))
+    ref_desc = short.pop("ranked_refs")
     out_dir = Path(out_dir)
-    paths = write_ranking(out_dir, query_names, ref_names, order, scores, conf["top_k"], set(errors))
+    paths = write_ranking(out_dir, query_names, ref_names, short.pop("order"), short.pop("scores"), conf["top_k"],
+                          set(errors), short)
     # for stage 3's verified query expansion (`stages.rerank.verified_qe`)
     atomic_save_npz(out_dir / REFERENCE_DESCRIPTORS, {"ref_names": np.array(ref_names, dtype=str),
                                                       "descriptors": ref_desc.astype(np.float16)})
@@ -445,6 +508,9 @@ def cli(argv=None):
     parser.add_argument("--output", type=Path, required=True, help="output folder")
     parser.add_argument("--conf", default="auto", choices=sorted(confs), help="named conf: the whitening")
     parser.add_argument("--top-k", type=int, default=default_conf["top_k"], help="shortlist length per query")
+    parser.add_argument("--keep", type=int, default=default_conf["keep"],
+                        help="positions of each query's ranking kept in global_ranking.npz (the rest is "
+                             "regenerated from its descriptors); the pipeline passes its --expand-to")
     parser.add_argument("--whiten-dim", type=int, default=default_conf["whiten_dim"],
                         help="dimensions kept by the whitening")
     parser.add_argument("--no-query-regions", dest="query_regions", action="store_false",
@@ -459,7 +525,8 @@ def cli(argv=None):
     from stages.common.dataset import load_dataset
 
     conf = resolve(default_conf, confs, args.conf,
-                   {"top_k": args.top_k, "whiten_dim": args.whiten_dim, "query_regions": args.query_regions,
+                   {"top_k": args.top_k, "keep": args.keep, "whiten_dim": args.whiten_dim,
+                    "query_regions": args.query_regions,
                     **expansion.conf_from_args(args)})
     dataset = load_dataset(args.data)
     for path in main(conf, args.features, dataset, args.output):

@@ -1,18 +1,19 @@
 """Stage 1b: rank every reference for every query by inner product of global descriptors.
 
-Exact: faiss ``IndexFlatIP`` (on every GPU faiss sees), as the design prescribes. A numpy
-matrix product and a stable argsort (``backend="blas"``) ranks identically; it serves as the
-reference in tests and benchmarks, where it measured 4-7x faster than faiss-cpu for a full
-ranking (k = R), whose cost is faiss's k-selection (bench/bench_search.py, BENCHMARKS.md).
-`rank` uses it to write the ranking and the shortlist.
+Exact: faiss ``IndexFlatIP`` (on every GPU faiss sees) finds each query's first positions
+(`shortlist_all`, k <= 2048 on a GPU, as faiss GPU searches allow); the rest of a full
+ranking is a numpy matrix product and a stable argsort per batch of queries (`rank_all`;
+measured 4-7x faster than faiss-cpu for k = R, whose cost is faiss's k-selection,
+bench/bench_search.py, BENCHMARKS.md). ``backend="blas"`` ranks everything by the matrix
+product, the reference in tests and benchmarks. `rank` keeps the first positions and
+regenerates the rest when it is written (`stages.common.shortlist.RankingFile`).
 """
-
-import functools
 
 import numpy as np
 
 from stages.common import logger
 from stages.common.progress import progress
+from stages.common.shortlist import complete_orders, similarities
 
 
 def faiss_gpus() -> int:
@@ -37,65 +38,84 @@ def make_index(dim: int, gpus: int | None = None):
     return index
 
 
-def make_indexes(ref_desc: np.ndarray, max_k: int, gpus: int) -> list[tuple[int, object]]:
-    """Exact faiss indexes over consecutive chunks of at most `max_k` references, so that
-    one search with k = chunk size returns every similarity even where k is capped.
+def _top_of_candidates(ids: np.ndarray, sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best `k` of one query's candidate (reference, score) pairs, each reference once
+    with its best score, by descending score, ties by reference index."""
+    valid = ids >= 0
+    ids, sims = ids[valid], sims[valid]
+    by = np.lexsort((ids, -sims))
+    ids, sims = ids[by], sims[by]
+    _, first = np.unique(ids, return_index=True)  # the first occurrence is the best score
+    first.sort()
+    return ids[first][:k], sims[first][:k]
+
+
+def _dense_top(block: np.ndarray, ref_t: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """[b, G, D] queries -> the exact stable top-k (int64 [b, k], float32 [b, k]) by one
+    matrix product."""
+    sims = similarities(block, ref_t)
+    kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1:k]
+    order = np.empty((len(block), k), np.int64)
+    scores = np.empty((len(block), k), np.float32)
+    for i in range(len(block)):
+        ids = np.flatnonzero(sims[i] >= kth[i])  # every reference tied with the k-th, then the stable k
+        order[i], scores[i] = _top_of_candidates(ids, sims[i, ids], k)
+    return order, scores
+
+
+def _faiss_top(index, block: np.ndarray, ref_t: np.ndarray, k: int, k_search: int,
+               n_refs: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact stable top-k of [b, G, D] queries from a faiss search of k_search >= k
+    neighbours per query descriptor. Each reference scores its best over the G
+    descriptors; a reference in the true top-k is among the k_search of its best
+    descriptor whenever that descriptor's k_search-th score is below the k-th best
+    (checked per query); the queries where it is not, or with fewer candidates than k, are
+    ranked by `_dense_top`."""
+    b, g, d = block.shape
+    sims, ids = index.search(np.ascontiguousarray(block.reshape(b * g, d)), k_search)
+    sims, ids = sims.reshape(b, g, k_search), ids.reshape(b, g, k_search)
+    order = np.empty((b, k), np.int64)
+    scores = np.empty((b, k), np.float32)
+    redo = []
+    exhaustive = k_search >= n_refs
+    for i in range(b):
+        top_ids, top_sims = _top_of_candidates(ids[i].ravel(), sims[i].ravel(), k)
+        if len(top_ids) < k:
+            redo.append(i)
+            continue
+        # a descriptor whose last id is -1 returned every reference it can score
+        cut = (ids[i, :, -1] >= 0) & (sims[i, :, -1] >= top_sims[-1])
+        if not exhaustive and cut.any():
+            redo.append(i)
+            continue
+        order[i], scores[i] = top_ids, top_sims
+    if redo:
+        order[redo], scores[redo] = _dense_top(block[redo], ref_t, k)
+    return order, scores
+
+
+def shortlist_all(query_desc: np.ndarray, ref_desc: np.ndarray, k: int, batch: int = 256,
+                  backend: str = "faiss", max_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first `k` positions of every query's full ranking (`rank_all`), without the rest.
+
+    faiss (`make_index`, on the GPUs when faiss has any) searches 2k neighbours per query
+    descriptor (at most `max_k`: faiss GPU searches allow k <= 2048), whose best k are
+    exact (see `_faiss_top`); beyond what faiss may answer, or with backend "blas", a
+    numpy matrix product per batch of queries.
 
     Args:
-        ref_desc: float32 [R, D], C-contiguous.
-        max_k: the largest k a search may ask for (`GPU_MAX_K` on GPUs).
-        gpus: GPUs to put the indexes on (0: CPU).
-
-    Returns:
-        [(index of the chunk's first reference, its index)], in reference order.
-    """
-    indexes = []
-    for offset in range(0, len(ref_desc), max_k):
-        index = make_index(ref_desc.shape[1], gpus)
-        index.add(ref_desc[offset:offset + max_k])
-        indexes.append((offset, index))
-    return indexes
-
-
-def _similarities_faiss(indexes, block: np.ndarray, r: int) -> np.ndarray:
-    """[n, D] queries -> float32 [n, R] inner products with every indexed reference (-inf
-    where faiss returns none, e.g. for NaN descriptors)."""
-    block = np.ascontiguousarray(block)
-    dense = np.full((len(block), r), -np.inf, np.float32)
-    for offset, index in indexes:
-        sims, ids = index.search(block, index.ntotal)
-        valid = ids >= 0
-        rows = np.broadcast_to(np.arange(len(block))[:, None], ids.shape)
-        dense[rows[valid], offset + ids[valid]] = sims[valid]
-    return dense
-
-
-def _similarities_blas(ref_t: np.ndarray, block: np.ndarray) -> np.ndarray:
-    """[n, D] queries -> float32 [n, R] inner products by one matrix product (-inf for NaN)."""
-    sims = np.ascontiguousarray(block) @ ref_t
-    sims[np.isnan(sims)] = -np.inf
-    return sims
-
-
-def rank_all(query_desc: np.ndarray, ref_desc: np.ndarray, batch: int = 256,
-             backend: str = "faiss", max_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Full ranking of all references for each query.
-
-    With several descriptors per query (e.g. regions), a reference scores the maximum
-    inner product over the query's descriptors.
-
-    Args:
-        query_desc: float32 [Q, D] or [Q, G, D] (G descriptors per query), unit norm.
+        query_desc: float32 [Q, D] or [Q, G, D], unit norm.
         ref_desc: float32 [R, D], unit norm.
-        batch: queries per similarity call (bounds memory at batch x G x R).
-        backend: "faiss" (IndexFlatIP, on the GPUs when faiss has any) or "blas" (a numpy
-            matrix product, the reference implementation).
-        max_k: faiss only: references per index, as the largest k one search may ask for
-            (default: `GPU_MAX_K` on GPUs, R on the CPU).
+        k: positions kept per query (min(k, R) are returned).
+        batch: queries per search (bounds memory at batch x G x max(2k, R) for "blas").
+        backend: "faiss" or "blas".
+        max_k: the largest k one faiss search may ask for (default: `GPU_MAX_K` on GPUs,
+            R on the CPU).
 
     Returns:
-        (order int32 [Q, R] reference indices best first, scores float32 [Q, R] in that
-        order). Each row of `order` is a permutation of range(R); ties keep index order.
+        (order int32 [Q, k'] reference indices best first, scores float32 [Q, k']), k' =
+        min(k, R); ties keep index order, NaN scores count as -inf; the first k' positions
+        of `rank_all`'s ranking.
 
     Raises:
         ValueError: unknown backend.
@@ -105,26 +125,87 @@ def rank_all(query_desc: np.ndarray, ref_desc: np.ndarray, batch: int = 256,
     query_desc = np.asarray(query_desc, np.float32)
     if query_desc.ndim == 2:
         query_desc = query_desc[:, None]
-    q, g, _ = query_desc.shape
-    r = len(ref_desc)
+    q, r = len(query_desc), len(ref_desc)
+    k = min(k, r)
+    order = np.empty((q, k), np.int32)
+    scores = np.empty((q, k), np.float32)
+    if k == 0 or q == 0:
+        return order, scores
+    ref_desc = np.ascontiguousarray(ref_desc, np.float32)
+    ref_t = np.ascontiguousarray(ref_desc.T)
+    index = None
+    if backend == "faiss":
+        gpus = faiss_gpus()
+        max_k = max_k or (GPU_MAX_K if gpus > 0 else r)
+        k_search = min(r, max(k + 1, min(2 * k, max_k)))
+        if k_search > max_k:
+            logger.info("faiss answers k <= %d: the top %d by matrix product", max_k, k)
+        else:
+            if gpus > 0:
+                logger.info("faiss: using %d GPU(s) for the top %d", gpus, k)
+            index = make_index(ref_desc.shape[1], gpus)
+            index.add(ref_desc)
+    for start in progress(range(0, q, batch), desc="global shortlist", unit="batch"):
+        block = query_desc[start:start + batch]
+        if index is None:
+            top = _dense_top(block, ref_t, k)
+        else:
+            top = _faiss_top(index, block, ref_t, k, k_search, r)
+        order[start:start + len(block)], scores[start:start + len(block)] = top
+    return order, scores
+
+
+def rank_all(query_desc: np.ndarray, ref_desc: np.ndarray, batch: int = 256,
+             backend: str = "faiss", max_k: int | None = None, top_k: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Full ranking of all references for each query.
+
+    With several descriptors per query (e.g. regions), a reference scores the maximum
+    inner product over the query's descriptors. The first `top_k` positions come from
+    `shortlist_all` (faiss), the rest from a numpy matrix product per batch of queries
+    (`stages.common.shortlist.complete_orders`), so that faiss never sorts all R (its
+    k-selection made k = R 4-7x slower than a matrix product and argsort on the CPU, and a
+    faiss GPU index answers k <= 2048 only).
+
+    Args:
+        query_desc: float32 [Q, D] or [Q, G, D] (G descriptors per query), unit norm.
+        ref_desc: float32 [R, D], unit norm.
+        batch: queries per similarity call (bounds memory at batch x G x R).
+        backend: "faiss" (the top by `shortlist_all`'s faiss search) or "blas" (all by
+            matrix product, the reference implementation).
+        max_k: faiss only: the largest k one search may ask for (`shortlist_all`).
+        top_k: positions ranked by the faiss search.
+
+    Returns:
+        (order int32 [Q, R] reference indices best first, scores float32 [Q, R] in that
+        order). Each row of `order` is a permutation of range(R); ties keep index order;
+        NaN scores are -inf and last.
+
+    Raises:
+        ValueError: unknown backend.
+    """
+    if backend not in ("faiss", "blas"):
+        raise ValueError(f"unknown ranking backend {backend!r}; choose faiss or blas")
+    query_desc = np.asarray(query_desc, np.float32)
+    if query_desc.ndim == 2:
+        query_desc = query_desc[:, None]
+    q, r = len(query_desc), len(ref_desc)
     order = np.empty((q, r), np.int32)
     scores = np.empty((q, r), np.float32)
     if r == 0 or q == 0:
         return order, scores
     ref_desc = np.ascontiguousarray(ref_desc, np.float32)
+    ref_t = np.ascontiguousarray(ref_desc.T)
     if backend == "faiss":
-        gpus = faiss_gpus()
-        if gpus > 0:
-            logger.info("faiss: using %d GPU(s)", gpus)
-        max_k = max_k or (GPU_MAX_K if gpus > 0 else r)
-        similarities = functools.partial(_similarities_faiss, make_indexes(ref_desc, max_k, gpus), r=r)
-    else:
-        similarities = functools.partial(_similarities_blas, np.ascontiguousarray(ref_desc.T))
+        top_order, top_scores = shortlist_all(query_desc, ref_desc, top_k, batch, "faiss", max_k)
+    columns = np.arange(r)
     for start in progress(range(0, q, batch), desc="global ranking", unit="batch"):
         block = query_desc[start:start + batch]
-        b = len(block)
-        best = similarities(block.reshape(b * g, -1)).reshape(b, g, r).max(axis=1)
-        block_order = np.argsort(-best, axis=1, kind="stable")
-        order[start:start + b] = block_order
-        scores[start:start + b] = np.take_along_axis(best, block_order, axis=1)
+        end = start + len(block)
+        sims = similarities(block, ref_t)
+        if backend == "blas":
+            order[start:end] = np.argsort(-sims, axis=1, kind="stable")
+            scores[start:end] = np.take_along_axis(sims, order[start:end].astype(np.int64), axis=1)
+            continue
+        order[start:end], scores[start:end] = complete_orders(top_order[start:end], sims, columns, r)
+        scores[start:end, :top_order.shape[1]] = top_scores[start:end]
     return order, scores

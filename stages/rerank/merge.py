@@ -1,8 +1,9 @@
 """Stage 3b: merges RANSAC inlier counts into the global ranking.
 
 `rerank` reorders only the first `top_k` positions of each query's global ranking; below
-them the global order is kept, and every reference appears exactly once in every list. The
-merge reads cached counts (`verify.main`), so changing the rule, `top_k`, `min_inliers`,
+them the global order is kept, and every reference appears exactly once in every list
+(stage 1 keeps the first positions; the rest is regenerated a batch of queries at a time,
+`Merger`). The merge reads cached counts (`verify.main`), so changing the rule, `top_k`, `min_inliers`,
 `weight` or the calibration reranks without matching again. Given stage 1's reference
 descriptors, `main` then applies the verified query expansion (`verified_qe`) below each
 query's first confident reference, and writes the final ``rankings.json`` ({query: [every
@@ -15,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from stages.common import logger, setup_logging
-from stages.common.cache import FeatureStore, atomic_write_json
+from stages.common.cache import FeatureStore
 from stages.common.conf import resolve
-from stages.common.shortlist import order_to_names, read_ranking
+from stages.common.rankings_json import RankingsWriter, needs_ascii
+from stages.common.shortlist import RankingFile
 
 from . import calibrate, verified_qe
 from .inliers import load_inliers
@@ -177,9 +179,99 @@ def confident_pairs(query_names, ref_names, ranking: dict, inliers: dict[str, di
     return scores, confident
 
 
+class Merger:
+    """The merge of `main`, a batch of queries at a time: reads the verified pairs, the
+    calibration and the reference descriptors once, then reranks any queries' full global
+    rankings (`stages.common.shortlist.RankingFile.full`) on demand, so that memory is
+    bounded by the batch, not by queries x references.
+
+    Args: as `main` (without `out_dir`).
+
+    Raises:
+        ValueError: an unknown rule, or descriptors of other references than the ranking's.
+    """
+
+    def __init__(self, conf: dict, ranking_path: Path, pairs_paths, inliers_dir: Path,
+                 calibration_path: Path | None = None, descriptors_path: Path | None = None):
+        if conf["rule"] not in RULES:
+            raise ValueError(f"unknown merge rule {conf['rule']!r}; choose one of {RULES}")
+        logger.info("merge, conf: %s", conf)
+        self.conf = conf
+        self.ranking = RankingFile(ranking_path)
+        self.query_names = self.ranking.query_names.tolist()
+        self.ref_names = self.ranking.ref_names.tolist()
+        store = FeatureStore.open(Path(inliers_dir))
+        self.inliers: dict[str, dict[str, int]] = {}
+        for path in [pairs_paths] if isinstance(pairs_paths, (str, Path)) else pairs_paths:
+            for query, counts in load_inliers(store, path).items():
+                self.inliers.setdefault(query, {}).update(counts)
+        self.depth = self._verified_depth()
+        self.calibration = calibrate.read(calibration_path)
+        self.ref_desc = None
+        if conf.get("verified_qe", 0) > 0 and descriptors_path is not None:
+            with np.load(descriptors_path, allow_pickle=False) as f:
+                if f["ref_names"].tolist() != [str(r) for r in self.ref_names]:
+                    raise ValueError(f"{descriptors_path} describes other references than {ranking_path}")
+                self.ref_desc = f["descriptors"].astype(np.float32)
+        self.expanded = 0  # queries the verified query expansion changed, over the batches merged
+
+    def _verified_depth(self) -> int:
+        """`verified_depth` over the full rankings, reading in full only the rows of
+        queries with a verified reference below the stored positions."""
+        depth = verified_depth(self.query_names, self.ref_names, self.ranking.order, self.inliers)
+        if self.ranking.complete:
+            return depth
+        column = {str(r): j for j, r in enumerate(self.ref_names)}
+        deeper = [q for q, query in enumerate(self.query_names)
+                  if not {column[r] for r in self.inliers.get(str(query), {}) if r in column}
+                  <= set(self.ranking.order[q].tolist())]
+        if deeper:
+            order, _ = self.ranking.full(deeper)
+            depth = max(depth, verified_depth([self.query_names[q] for q in deeper], self.ref_names, order,
+                                              self.inliers))
+        return depth
+
+    def merge(self, rows, order: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """The final rankings of some queries.
+
+        Args:
+            rows: int [b] query indices; order int [b, R], scores float [b, R]: their full
+                global rankings (`RankingFile.full`).
+
+        Returns:
+            int32 [b, R] reference indices, best first.
+        """
+        names = [self.query_names[i] for i in rows]
+        conf = self.conf
+        out = rerank(order, scores, align_inliers(names, self.ref_names, order, self.inliers, self.depth),
+                     self.depth, conf["rule"], conf["min_inliers"], conf["weight"], self.calibration)
+        if self.ref_desc is not None:
+            by_ref, confident = confident_pairs(names, self.ref_names, {"order": order, "scores": scores},
+                                                self.inliers, self.calibration, conf["verified_qe_probability"])
+            out = verified_qe.expand(out, by_ref, confident, self.ref_desc, conf["verified_qe"])
+            self.expanded += int(confident.any(axis=1).sum())
+        return out
+
+    def batches(self, batch: int = 128):
+        """Yields (rows int [b], global order int32 [b, R], global scores float32 [b, R],
+        final order int32 [b, R]) over all queries in order, `batch` at a time."""
+        for rows, order, scores in self.ranking.batches(batch):
+            yield rows, order, scores, self.merge(rows, order, scores)
+
+    def log_expansion(self) -> None:
+        """Logs what the verified query expansion did, once every query is merged."""
+        if self.ref_desc is not None:
+            logger.info("verified query expansion: %d of %d queries expanded with up to %d reference(s) of "
+                        "probability >= %g", self.expanded, len(self.query_names), self.conf["verified_qe"],
+                        self.conf["verified_qe_probability"])
+
+
 def main(conf: dict, ranking_path: Path, pairs_paths, inliers_dir: Path, out_dir: Path,
          calibration_path: Path | None = None, descriptors_path: Path | None = None) -> Path:
     """Reranks the global ranking by the inlier counts of the verified shortlists.
+
+    Streams ``rankings.json`` a batch of queries at a time (`Merger`,
+    `stages.common.rankings_json.RankingsWriter`).
 
     Args:
         conf: the merge conf (see `default_conf`): "rule", "min_inliers", "weight".
@@ -200,33 +292,12 @@ def main(conf: dict, ranking_path: Path, pairs_paths, inliers_dir: Path, out_dir
     Raises:
         ValueError: an unknown rule, or descriptors of other references than the ranking's.
     """
-    logger.info("merge, conf: %s", conf)
-    ranking = read_ranking(ranking_path)
-    query_names = ranking["query_names"].tolist()
-    ref_names = ranking["ref_names"].tolist()
-    store = FeatureStore.open(Path(inliers_dir))
-    inliers: dict[str, dict[str, int]] = {}
-    for path in [pairs_paths] if isinstance(pairs_paths, (str, Path)) else pairs_paths:
-        for query, counts in load_inliers(store, path).items():
-            inliers.setdefault(query, {}).update(counts)
-    depth = verified_depth(query_names, ref_names, ranking["order"], inliers)
-    calibration = calibrate.read(calibration_path)
-    order = rerank(ranking["order"], ranking["scores"],
-                   align_inliers(query_names, ref_names, ranking["order"], inliers, depth),
-                   depth, conf["rule"], conf["min_inliers"], conf["weight"], calibration)
-    if conf.get("verified_qe", 0) > 0 and descriptors_path is not None:
-        with np.load(descriptors_path, allow_pickle=False) as f:
-            if f["ref_names"].tolist() != [str(r) for r in ref_names]:
-                raise ValueError(f"{descriptors_path} describes other references than {ranking_path}")
-            ref_desc = f["descriptors"].astype(np.float32)
-        scores, confident = confident_pairs(query_names, ref_names, ranking, inliers, calibration,
-                                            conf["verified_qe_probability"])
-        order = verified_qe.expand(order, scores, confident, ref_desc, conf["verified_qe"])
-        logger.info("verified query expansion: %d of %d queries expanded with up to %d reference(s) of "
-                    "probability >= %g", int(confident.any(axis=1).sum()), len(query_names), conf["verified_qe"],
-                    conf["verified_qe_probability"])
+    merger = Merger(conf, ranking_path, pairs_paths, inliers_dir, calibration_path, descriptors_path)
     path = Path(out_dir) / "rankings.json"
-    atomic_write_json(path, order_to_names(order, query_names, ref_names))
+    with RankingsWriter(path, merger.ref_names, ascii_only=needs_ascii(merger.query_names + merger.ref_names)) as out:
+        for rows, _, _, final in merger.batches():
+            out.add_batch([merger.query_names[i] for i in rows], final)
+    merger.log_expansion()
     return path
 
 
