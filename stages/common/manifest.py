@@ -179,7 +179,7 @@ class Manifest:
         try:
             with exclusive_lock(self.dir / LOCK), contextlib.ExitStack() as held:
                 entries = self._load_base()
-                done = []
+                done, changed = [], False
                 for path in self._journal_paths():
                     try:
                         f = held.enter_context(open(path, "rb"))
@@ -190,12 +190,17 @@ class Manifest:
                         done.append(path)  # its writer has closed it (or died)
                     except OSError:
                         pass  # a live writer: its records so far are merged, the file stays
-                    _apply(entries, _read_journal(path))
+                    records = _read_journal(path)
+                    _apply(entries, records)
+                    changed |= bool(records) or path in done
                 now = time.time_ns()
                 for name, record in entries.items():
                     if record.get("t", 0) - record.get("m", 0) <= RACY_NS and now - record.get("m", 0) > RACY_NS:
                         if file_stat(self._entry_path(name)) == (record.get("z"), record.get("m"), record.get("i")):
                             record["t"] = now
+                            changed = True
+                if not changed:
+                    return  # a warm run writes nothing
                 from .cache import atomic_write_bytes
 
                 atomic_write_bytes(self.dir / MANIFEST, _dumps({"version": VERSION, "entries": entries}))
