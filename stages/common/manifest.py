@@ -106,6 +106,7 @@ class Manifest:
         self._journal = None
         self._journal_pid = None
         self._mutex = threading.Lock()
+        self._base = (None, {})  # (stat of manifest.json, its entries) last parsed by `load`
 
     @property
     def exists(self) -> bool:
@@ -132,7 +133,10 @@ class Manifest:
         """{name: record}: ``manifest.json`` with every journal applied. Journals are read
         first: one that a concurrent `compact` deletes meanwhile is in the manifest read after."""
         journals = [r for p in self._journal_paths() for r in _read_journal(p)]
-        entries = self._load_base()
+        stat = file_stat(self.dir / MANIFEST)
+        if stat is None or stat != self._base[0]:  # parsed again only when replaced
+            self._base = (stat, self._load_base())
+        entries = dict(self._base[1])
         _apply(entries, journals)
         return entries
 

@@ -58,7 +58,7 @@ default_conf = {
     "min_contrast": 8.0,
     "min_textured": 0.5,
     "max_blank": 0.2,
-    "pca_dim": 40,  # delf-lite0: PCA learned on reference features
+    "pca_dim": 40,  # delf-lite0: PCA learned once per data folder (`ensure_pca`, `pca_source`)
     "pca_max_images": 60,
     # Queries are also described rotated by these angles (counter-clockwise; DELF features
     # are not rotation invariant, and phone photos come in any orientation). The unrotated
