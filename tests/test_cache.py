@@ -87,12 +87,13 @@ def test_written_files_get_the_usual_mode(tmp_path):
 def settled(monkeypatch):
     """Records count as settled at once (normally an entry written less than RACY_NS before
     its stat was confirmed is read to check it), and a counter of the entries read."""
-    from stages.common import cache, manifest
+    from stages.common import cache, manifest, matrix
 
     monkeypatch.setattr(manifest, "RACY_NS", -1)
     reads = []
     original = cache.load_npz
-    monkeypatch.setattr(cache, "load_npz", lambda path: reads.append(Path(path).stem) or original(path))
+    for module in (cache, matrix):
+        monkeypatch.setattr(module, "load_npz", lambda path: reads.append(Path(path).stem) or original(path))
     return reads
 
 

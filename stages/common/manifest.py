@@ -134,7 +134,8 @@ class Manifest:
         first: one that a concurrent `compact` deletes meanwhile is in the manifest read after."""
         journals = [r for p in self._journal_paths() for r in _read_journal(p)]
         stat = file_stat(self.dir / MANIFEST)
-        if stat is None or stat != self._base[0]:  # parsed again only when replaced
+        # parsed again when replaced, and while its stat is too recent to tell a replacement
+        if stat is None or stat != self._base[0] or time.time_ns() - stat[1] <= RACY_NS:
             self._base = (stat, self._load_base())
         entries = dict(self._base[1])
         _apply(entries, journals)
@@ -173,7 +174,9 @@ class Manifest:
     def compact(self) -> None:
         """Folds the journals into ``manifest.json`` and deletes those no live writer holds.
 
-        Under ``manifest.lock``. Records whose stat is confirmed now get "t" = now: the
+        Under ``manifest.lock``. Of the records of one name from several writers, the one
+        whose stat is the file's wins (else the one confirmed last: a reader that finds the
+        stat changed reads the entry). Records whose stat is confirmed now get "t" = now: the
         entries written more than `RACY_NS` ago become trusted. A failure to write (a
         read-only cache) is logged: the journals stay and are merged later.
         """
@@ -183,7 +186,7 @@ class Manifest:
         try:
             with exclusive_lock(self.dir / LOCK), contextlib.ExitStack() as held:
                 entries = self._load_base()
-                done, changed = [], False
+                done, changed, rivals = [], False, {}
                 for path in self._journal_paths():
                     try:
                         f = held.enter_context(open(path, "rb"))
@@ -195,8 +198,17 @@ class Manifest:
                     except OSError:
                         pass  # a live writer: its records so far are merged, the file stays
                     records = _read_journal(path)
+                    for record in records:
+                        if record["n"] in entries:
+                            rivals.setdefault(record["n"], [entries[record["n"]]])
+                        rivals.get(record["n"], []).append({k: v for k, v in record.items() if k != "n"})
                     _apply(entries, records)
                     changed |= bool(records) or path in done
+                for name, records in rivals.items():
+                    # writers racing on one name: the record that describes the file on disk wins
+                    stat = file_stat(self._entry_path(name))
+                    entries[name] = next((r for r in sorted(records, key=lambda r: -r.get("t", 0))
+                                          if (r.get("z"), r.get("m"), r.get("i")) == stat), entries[name])
                 now = time.time_ns()
                 for name, record in entries.items():
                     if record.get("t", 0) - record.get("m", 0) <= RACY_NS and now - record.get("m", 0) > RACY_NS:
