@@ -46,7 +46,7 @@ def ensure_local_features(dataset, cache: Path, work: Path) -> None:
     refs = sorted(dataset.references)
     pairs.write_text("".join(f"{q}\t{r}\n" for q in sorted(dataset.queries) for r in refs))
     local_extract.main(dict(local_extract.default_conf, name="delf-lite0"), pairs, dataset.images, cache,
-                       references=refs)
+                       pca_source=local_extract.pca_source(dataset))  # the pipeline's store
 
 
 def count_pairs(out: Path) -> int:

@@ -67,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated stages among {','.join(STAGES)}; a stage also runs the ones "
                              "before it, reusing their cached features (so `--stages global` stops after stage 1)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="recompute cached features instead of reusing them")
+                        help="recompute cached features instead of reusing them (the local-descriptor PCA is "
+                             "kept: see --relearn-pca)")
+    parser.add_argument("--relearn-pca", action="store_true",
+                        help="learn the local-descriptor PCA (delf-lite0) again. It is learned once per data "
+                             "folder, on its training images or, without any, on a sample of its references, "
+                             "and kept in the cache, so that references added later cost only their own "
+                             "features; relearning it recomputes every local feature and inlier count")
     parser.add_argument("--report", type=_count, default=None, metavar="N",
                         help="write report.html in the output folder (open it in a browser; pictures in "
                              "report_files/): per-stage metrics, verification score histograms, and N queries "
@@ -187,7 +193,8 @@ def config_from_args(args) -> RunConfig:
                      rerank_conf=rerank_conf, workers=args.workers or 2, top_k=args.top_k, expand_to=args.expand_to,
                      expand_below=args.expand_below,
                      whitening=args.whitening, whiten_dim=args.whiten_dim, query_regions=args.query_regions,
-                     expansion=global_expansion.conf_from_args(args), cache=args.cache, overwrite=args.overwrite)
+                     expansion=global_expansion.conf_from_args(args), cache=args.cache, overwrite=args.overwrite,
+                     relearn_pca=args.relearn_pca)
 
 
 def print_summary(result: dict, out_dir: Path, seconds: float) -> None:

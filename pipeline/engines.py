@@ -41,7 +41,7 @@ class Engine(Protocol):
                        overwrite: bool = False) -> Path: ...
 
     def local_extract(self, conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path,
-                      overwrite: bool = False, references=None) -> Path: ...
+                      overwrite: bool = False, pca_source=None) -> Path: ...
 
     def verify(self, conf: dict, pairs_path: Path, local_store_dir: Path, cache_root: Path,
                overwrite: bool = False) -> Path: ...
@@ -69,13 +69,13 @@ class LocalEngine:
         return global_extract.main(conf, images, cache_root, overwrite)
 
     def local_extract(self, conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path,
-                      overwrite: bool = False, references=None) -> Path:
+                      overwrite: bool = False, pca_source=None) -> Path:
         """`stages.local_delf.extract.main` on a shortlist, with one backend per conf for the
         whole run (the shortlist windows and the calibration pairs load it once)."""
         key = conf_hash(conf, str(cache_root))
         backend = self._backends.setdefault(key, local_extract.LazyBackend(conf, cache_root))
         return local_extract.main(conf, pairs_path, images, cache_root, overwrite, backend=backend,
-                                  references=references)
+                                  pca_source=pca_source)
 
     def verify(self, conf: dict, pairs_path: Path, local_store_dir: Path, cache_root: Path,
                overwrite: bool = False) -> Path:

@@ -43,6 +43,7 @@ from stages.common.images import is_image_file
 from stages.common.shortlist import write_pairs
 from stages.global_embed import ann
 from stages.global_embed import rank as global_rank
+from stages.local_delf import extract as local_extract
 from stages.rerank import calibrate as rerank_calibrate
 from stages.rerank import merge as rerank_merge
 
@@ -139,19 +140,20 @@ def build(dataset, out_dir: Path, rc: RunConfig, engine: Engine | None = None,
     if whitening is not None:
         atomic_save_npz(out_dir / WHITENING, whitening)
     timings["global"] = time.perf_counter() - start
-    readable = [r for r in ref_names if r not in errors]
+    source = local_extract.pca_source(dataset, errors)
     calibration = None
     if "rerank" in rc.stages and dataset.train:
-        calibration = calibrate_verification(rc, dataset, out_dir, global_dir, timings, readable, engine)
+        calibration = calibrate_verification(rc, dataset, out_dir, global_dir, timings, source, engine)
     # The local store (its PCA learned now, as the batch run learns it) that queries use.
     empty = out_dir / "pairs-none.txt"
     write_pairs(empty, [])
     local_dir = engine.local_extract(rc.local_conf, empty, dataset.references, rc.cache, rc.overwrite,
-                                     references=readable)
+                                     pca_source=source)
     meta = {
         "version": VERSION, "data": str(Path(dataset.root).resolve()), "config": rc.as_dict(),
         "cache": str(Path(rc.cache).resolve()), "global_store": str(Path(global_dir).resolve()),
-        "local_store": str(Path(local_dir).resolve()), "whitening": applied, "expansion": expand,
+        "local_store": str(Path(local_dir).resolve()), "pca_source": {"kind": source.kind, "dataset": source.dataset},
+        "whitening": applied, "expansion": expand,
         "index": {"kind": "flat" if ann.is_exact(index) else "pca",
                   "factory": "Flat" if ann.is_exact(index) else ann.factory_string(ref_desc.shape[1], ann_conf),
                   "conf": ann_conf, "depth": DEFAULT_DEPTH},
@@ -325,9 +327,10 @@ def query(loaded: LoadedIndex, photos, out_dir: Path, engine: Engine | None = No
     rankings = {n: [ref_names[j] for j in order[i]] for i, n in enumerate(names)}
     if "local" in rc.stages:
         all_images = {**dict(zip(loaded.ref_names, map(Path, loaded.meta["paths"]), strict=True)), **images}
-        readable = [r for r in loaded.ref_names if r not in unreadable]
+        pinned = loaded.meta.get("pca_source") or {"kind": "references", "dataset": loaded.meta["data"]}
+        source = local_extract.PCASource(kind=pinned["kind"], dataset=pinned["dataset"])  # the PCA the index pinned
         start = time.perf_counter()
-        local_dir = engine.local_extract(rc.local_conf, pairs_path, all_images, rc.cache, references=readable)
+        local_dir = engine.local_extract(rc.local_conf, pairs_path, all_images, rc.cache, pca_source=source)
         timings["local"] = time.perf_counter() - start
         if Path(local_dir).name != Path(loaded.meta["local_store"]).name:
             logger.warning("local features in %s, the index used %s: the reference files changed since the "
@@ -337,7 +340,7 @@ def query(loaded: LoadedIndex, photos, out_dir: Path, engine: Engine | None = No
             calibration = loaded.folder / CALIBRATION if loaded.meta.get("calibration") else None
             inlier_dir, windows = verify_with_expansion(
                 rc, SimpleNamespace(images=all_images), out_dir, ranking_path, pairs_path, Path(local_dir), timings,
-                rerank_calibrate.read(calibration), unreadable, engine)
+                rerank_calibrate.read(calibration), unreadable, engine, source)
             path = rerank_merge.main(rc.rerank_conf["merge"], ranking_path, windows, inlier_dir, out_dir,
                                      calibration, descriptors)
             rankings = json.loads(Path(path).read_text())

@@ -17,6 +17,7 @@ This module imports Ray at the top: `pipeline.engines.make_engine` imports it on
 the Ray engine is chosen.
 """
 
+import dataclasses
 import logging
 import os
 import socket
@@ -118,11 +119,11 @@ class StageWorker:
         model = self._models.setdefault(key, LazyModel(conf, cache_root, self.threads))
         return global_extract.main(conf, images, cache_root, overwrite, shard=shard, model=model)
 
-    def local_extract(self, conf, pairs_path, images, cache_root, overwrite, references, shard) -> Path:
+    def local_extract(self, conf, pairs_path, images, cache_root, overwrite, pca_source, shard) -> Path:
         key = conf_hash(conf, str(cache_root))
         backend = self._backends.setdefault(key, _LazyBackend(conf, cache_root, self.threads))
         return local_extract.main(conf, pairs_path, images, cache_root, overwrite, shard=shard, backend=backend,
-                                  references=references)
+                                  pca_source=pca_source)
 
     def verify(self, conf, pairs_path, local_store_dir, cache_root, overwrite, shard) -> Path:
         # one process per actor: the actors are the parallelism
@@ -158,13 +159,16 @@ class RayEngine:
                          Path(cache_root).absolute(), overwrite)
 
     def local_extract(self, conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path,
-                      overwrite: bool = False, references=None) -> Path:
-        """`stages.local_delf.extract.main`, sharded over the actors. With `overwrite` and a
-        backend that learns a PCA, shard 0 runs first, alone: it learns the PCA again,
-        which the other shards then use."""
-        first_alone = overwrite and local_extract.BACKENDS[conf["backend"]].needs_pca
+                      overwrite: bool = False, pca_source=None) -> Path:
+        """`stages.local_delf.extract.main`, sharded over the actors. With a PCA to learn again
+        (`pca_source.relearn_since`), shard 0 runs first, alone: it learns the PCA, which
+        the other shards then use (they would wait for it on the PCA's lock otherwise)."""
+        if pca_source is not None:
+            pca_source = dataclasses.replace(pca_source, images=_absolute(pca_source.images))
+        first_alone = (pca_source is not None and pca_source.relearn_since is not None
+                       and local_extract.BACKENDS[conf["backend"]].needs_pca)
         return self._map("local features", "local_extract", conf, Path(pairs_path).absolute(), _absolute(images),
-                         Path(cache_root).absolute(), overwrite, references, first_alone=first_alone)
+                         Path(cache_root).absolute(), overwrite, pca_source, first_alone=first_alone)
 
     def verify(self, conf: dict, pairs_path: Path, local_store_dir: Path, cache_root: Path,
                overwrite: bool = False) -> Path:

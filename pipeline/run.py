@@ -54,6 +54,9 @@ class RunConfig:
     expansion: dict = field(default_factory=lambda: dict(global_expansion.default_conf))
     cache: Path = Path("cache")
     overwrite: bool = False
+    # learn the local-descriptor PCA again (`stages.local_delf.extract.PCASource`); it is kept
+    # otherwise, so that adding references recomputes only their features
+    relearn_pca: bool = False
     # queries shown in report.html (`pipeline.report`); 0: no report. The command line turns it
     # on for runs with ground truth; it changes no ranking, so it is not part of `as_dict`.
     report: int = 0
@@ -106,7 +109,7 @@ def best_probability(calibration: dict, ranking: dict, row: dict, inliers: dict[
 
 def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, ranking_path: Path, pairs_path: Path,
                           local_dir: Path, timings: dict, calibration: dict, unreadable: set[str] = frozenset(),
-                          engine: Engine | None = None) -> tuple[Path, list[Path]]:
+                          engine: Engine | None = None, pca_source=None) -> tuple[Path, list[Path]]:
     """Stage 3 on the top-k shortlist, then on deeper windows for the queries it left unverified.
 
     A query none of whose top-k references is likely the same product (calibrated
@@ -116,7 +119,7 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, rankin
     window after window, down to rank `expand_to`. Each window is a shortlist file
     ``pairs-global-top{k}-window{start}.txt`` next to the first; `unreadable` references
     (ranked last) are never verified. `engine` runs the extraction and verification
-    (default: a `LocalEngine` of `rc.workers`).
+    (default: a `LocalEngine` of `rc.workers`); `pca_source` is handed to the local stage.
 
     Returns:
         (the inlier cache folder, every shortlist file verified: the top-k one first).
@@ -152,8 +155,7 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, rankin
         windows.append(window)
         depth = end_rank
         start = time.perf_counter()
-        engine.local_extract(rc.local_conf, window, dataset.images, rc.cache, rc.overwrite,
-                             references=[r for r in ref_names if r not in unreadable])
+        engine.local_extract(rc.local_conf, window, dataset.images, rc.cache, rc.overwrite, pca_source=pca_source)
         timings["local"] = timings.get("local", 0.0) + time.perf_counter() - start
 
 
@@ -176,7 +178,7 @@ def global_images(dataset: Dataset, rc: RunConfig, stages) -> dict[str, Path]:
 
 
 def calibrate_verification(rc: RunConfig, dataset: Dataset, out_dir: Path, global_dir: Path, timings: dict,
-                           references: list[str], engine: Engine) -> Path | None:
+                           pca_source, engine: Engine) -> Path | None:
     """Stages 1-3 on pairs of training images, then the calibration fitted on them
     (`stages.rerank.calibrate`).
 
@@ -192,7 +194,7 @@ def calibrate_verification(rc: RunConfig, dataset: Dataset, out_dir: Path, globa
     pairs_path, arrays_path = made
     images = {**dataset.images, **dataset.training_images()[0]}
     local_dir = engine.local_extract(rc.local_conf, pairs_path, images, rc.cache, rc.overwrite,
-                                     references=references)
+                                     pca_source=pca_source)
     inlier_dir = engine.verify(rc.rerank_conf, pairs_path, local_dir, rc.cache, rc.overwrite)
     path = rerank_calibrate.main(rerank_calibrate.default_conf, arrays_path, inlier_dir, out_dir)
     timings["calibration"] = time.perf_counter() - start
@@ -258,12 +260,12 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig, engine: Engine | None = 
         logger.warning("no readable query with a readable reference: local features and reranking skipped, "
                        "the global ranking is final")
         stages = ("global",)
+    pca_source = local_extract.pca_source(dataset, unreadable, started_at if rc.relearn_pca else None)
     if "local" in stages:
         start = time.perf_counter()
         try:
             local_dir = engine.local_extract(rc.local_conf, pairs_path, dataset.images, rc.cache, rc.overwrite,
-                                             references=[r for r in dataset.references
-                                                                        if r not in unreadable])
+                                             pca_source=pca_source)
         except local_extract.PCAUnavailableError as e:
             logger.warning("%s: reranking skipped, the global ranking is final", e)
             stages = ("global",)
@@ -278,11 +280,11 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig, engine: Engine | None = 
     ranked = ("global",)
     merger = None
     if "rerank" in stages:
-        readable = [r for r in dataset.references if r not in unreadable]
-        calibration = (calibrate_verification(rc, dataset, out_dir, global_dir, timings, readable, engine)
+        calibration = (calibrate_verification(rc, dataset, out_dir, global_dir, timings, pca_source, engine)
                        if dataset.train else None)
         inlier_dir, windows = verify_with_expansion(rc, dataset, out_dir, ranking_path, pairs_path, local_dir,
-                                                    timings, rerank_calibrate.read(calibration), unreadable, engine)
+                                                    timings, rerank_calibrate.read(calibration), unreadable, engine,
+                                                    pca_source)
         merger = rerank_merge.Merger(rc.rerank_conf["merge"], ranking_path, windows, inlier_dir, calibration,
                                      out_dir / global_rank.REFERENCE_DESCRIPTORS)
         ranked = ("global", "rerank")

@@ -150,22 +150,29 @@ def test_needs_extraction_reads_the_covered_rotations(tmp_path):
     assert local_extract.needs_extraction(store, images, [0], True) == ["both", "only0", "absent"]
 
 
-def test_each_reference_set_gets_its_own_pca_store(tmp_path):
-    """A PCA learned on one dataset's references is never reused for another's."""
+def test_the_pca_store_is_keyed_by_the_data_folder_not_its_references(tmp_path):
+    """Adding references to a data folder keeps its PCA store; another folder gets its own.
+    Without a data folder the store is keyed by the sampled images and their files."""
+    PCASource = local_extract.PCASource
     images = {}
     for name, size in (("a1", 3), ("a2", 4), ("b1", 5), ("b2", 6)):
         images[name] = tmp_path / f"{name}.jpg"
         images[name].write_bytes(b"x" * size)
     lite0_conf = conf(pca_max_images=60)
-    first = local_extract.store_for(lite0_conf, tmp_path, ["a1", "a2"], images)
-    assert local_extract.store_for(lite0_conf, tmp_path, ["a2", "a1"], images).dir == first.dir
-    assert local_extract.store_for(lite0_conf, tmp_path, ["b1", "b2"], images).dir != first.dir
+
+    def store(names, dataset=None):
+        return local_extract.store_for(lite0_conf, tmp_path, PCASource({n: images[n] for n in names},
+                                                                       dataset=dataset)).dir
+
+    assert store(["a1", "a2"], "/data/A") == store(["a1", "a2", "b1", "b2"], "/data/A") != store(["a1"], "/data/B")
+    first = store(["a1", "a2"])
+    assert store(["a2", "a1"]) == first and store(["b1", "b2"]) != first
     images["a2"].write_bytes(b"y" * 9)  # same name, other file
-    assert local_extract.store_for(lite0_conf, tmp_path, ["a1", "a2"], images).dir != first.dir
+    assert store(["a1", "a2"]) != first
     # SIFT learns no PCA: its features are shared across datasets.
     sift = conf("sift")
-    assert (local_extract.store_for(sift, tmp_path, ["a1"], images).dir
-            == local_extract.store_for(sift, tmp_path, ["b1", "b2"], images).dir)
+    assert (local_extract.store_for(sift, tmp_path, PCASource({"a1": images["a1"]})).dir
+            == local_extract.store_for(sift, tmp_path, PCASource({"b1": images["b1"]}, dataset="/data/B")).dir)
 
 
 class _StubDense:
@@ -181,26 +188,41 @@ class _StubDense:
                 "scores": np.ones(50, np.float32), "scales": np.ones(50, np.float32)}
 
 
-def test_with_overwrite_only_shard_0_learns_the_pca_again(tmp_path, monkeypatch):
-    """n shards run at once would each replace the others' PCA; shard 0 alone relearns it."""
+def test_the_pca_is_pinned_until_asked_to_relearn(tmp_path, monkeypatch):
+    """Learned once on the source's images (training images here), kept when references are
+    added and with overwrite; `relearn_since` learns it once again (later calls and other
+    shards of the same run keep the new one), deleting the features the old one projected."""
+    import time
+
     from conftest import write_image
 
     from stages.common.shortlist import write_pairs
 
     rng = np.random.default_rng(0)
     images = {name: write_image(tmp_path / "img" / f"{name}.png", rng.integers(0, 255, (32, 32, 3), np.uint8))
-              for name in ("q1", "q2", "r1", "r2", "r3", "r4")}
-    pairs = tmp_path / "pairs.txt"
+              for name in ("q1", "q2", "r1", "r2", "r3", "r4", "r5", "train:c/t1", "train:c/t2")}
+    training = {n: p for n, p in images.items() if n.startswith("train:")}
+    pairs, more = tmp_path / "pairs.txt", tmp_path / "more.txt"
     write_pairs(pairs, [(q, r) for q in ("q1", "q2") for r in ("r1", "r2", "r3", "r4")])
+    write_pairs(more, [(q, r) for q in ("q1", "q2") for r in ("r1", "r2", "r3", "r4", "r5")])
     lite0_conf, stub, learned = conf(query_rotations=[0]), _StubDense(), []
     learn = local_extract._learn_pca
-    monkeypatch.setattr(local_extract, "_learn_pca", lambda *a: learned.append(1) or learn(*a))
+    monkeypatch.setattr(local_extract, "_learn_pca", lambda *a: learned.append(sorted(a[3].images)) or learn(*a))
 
-    def learns_pca(shard, overwrite) -> bool:
-        before = len(learned)
-        local_extract.main(lite0_conf, pairs, images, tmp_path / "cache", overwrite, shard=shard, backend=lambda: stub)
-        return len(learned) > before
+    def run(pairs_path, overwrite=False, shard=(0, 1), since=None):
+        source = local_extract.PCASource(training, "training", str(tmp_path / "data"), since)
+        return local_extract.main(lite0_conf, pairs_path, images, tmp_path / "cache", overwrite, shard=shard,
+                                  backend=lambda: stub, pca_source=source)
 
-    assert learns_pca((0, 1), False)
-    assert not learns_pca((1, 2), True)
-    assert learns_pca((0, 2), True)
+    folder = run(pairs)
+    assert learned == [["train:c/t1", "train:c/t2"]]
+    pca = (folder / "pca.npz").read_bytes()
+    assert run(more) == folder and run(more, overwrite=True) == folder and len(learned) == 1
+    assert (folder / "pca.npz").read_bytes() == pca
+    r1 = (folder / "r1.npz").stat().st_mtime_ns
+    since = time.time()
+    assert run(more, since=since) == folder and len(learned) == 2
+    assert (folder / "r1.npz").stat().st_mtime_ns != r1  # deleted with the old PCA, extracted again
+    run(more, shard=(1, 2), since=since)
+    run(pairs, since=since)
+    assert len(learned) == 2

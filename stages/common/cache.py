@@ -3,13 +3,17 @@
 Layout: ``<cache_root>/<stage>/<conf name>-<conf hash>/<encoded image name>.npz`` plus a
 ``conf.json`` holding the effective conf. One file per image makes runs resumable (finished
 images are skipped), crash-safe (each file is written to a temp file and renamed) and safe
-for two concurrent runs (each writes its own temp files; a rename is atomic).
+for two concurrent runs (each writes its own temp files; a rename is atomic). Each store
+folder also keeps an index of its entries (``manifest.json`` and per-writer journals,
+`stages.common.manifest`), so that checking what is cached stats files instead of reading
+them, and may keep matrices of one array of many entries (``matrix/``, `stages.common.matrix`).
 """
 
 import contextlib
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 import time
 import zipfile
@@ -19,12 +23,14 @@ from urllib.parse import quote, unquote
 import numpy as np
 
 from . import logger
+from .manifest import JOURNALS, Manifest, file_stat, trusted
 
 HASH_KEY = "__conf_hash__"
 SOURCE_KEY = "__source__"
 ERROR_KEY = "error"
 RETRY_KEY = "__retry__"
 _MAX_FILE_STEM = 200
+MATRIX_DIR = "matrix"  # `stages.common.matrix` files of a store
 
 
 def source_stamp(path) -> str:
@@ -158,23 +164,33 @@ def exclusive_lock(path: Path):
 
 
 class FeatureStore:
-    """Feature files of one stage and one conf, keyed by image name.
+    """Feature files of one stage and one conf, keyed by image name, with an index.
+
+    Each entry's conf hash, source stamp, error/retry marks and file stat are kept in the
+    store's manifest (`stages.common.manifest`), so that `missing` and `records` stat the
+    entry files and read the manifest instead of opening every entry; an entry is read in
+    full when used (`read`), which checks its CRC-32s. An entry the manifest does not
+    vouch for (a store written before the manifest existed, a file changed since, a record
+    too recent to trust) is read once to check it and recorded.
 
     Attributes:
-        key: the conf hash; conf: the effective conf; dir: the store folder.
+        key: the conf hash; conf: the effective conf; dir: the store folder;
+        manifest: its `manifest.Manifest`.
 
     Args:
         root: the cache root, e.g. ``cache/``.
         stage: stage folder name, e.g. ``"global"``.
         conf: the effective conf (JSON-serialisable); stored as ``conf.json``.
         key: the conf hash (plus anything else the features depend on).
+        summary_keys: names of small arrays copied into each entry's manifest record
+            (`summary`), so that callers can test them without opening the entry.
 
     Raises:
         CacheMismatchError: the folder exists with a ``conf.json`` whose hash differs.
     """
 
-    def __init__(self, root: Path, stage: str, conf: dict, key: str):
-        self.key, self.conf = key, conf
+    def __init__(self, root: Path, stage: str, conf: dict, key: str, summary_keys: tuple[str, ...] = ()):
+        self.key, self.conf, self.summary_keys = key, conf, tuple(summary_keys)
         self.dir = Path(root) / stage / f"{conf.get('name', stage)}-{key}"
         self.dir.mkdir(parents=True, exist_ok=True)
         conf_path = self.dir / "conf.json"
@@ -187,13 +203,15 @@ class FeatureStore:
         else:
             atomic_write_json(conf_path, {"hash": key, "conf": conf})
         remove_stale_temp_files(self.dir)
+        remove_stale_temp_files(self.dir / JOURNALS)
+        self.manifest = Manifest(self.dir)
 
     @classmethod
-    def open(cls, folder: Path) -> "FeatureStore":
+    def open(cls, folder: Path, summary_keys: tuple[str, ...] = ()) -> "FeatureStore":
         """Opens an existing store folder (one that holds its ``conf.json``)."""
         folder = Path(folder)
         stored = json.loads((folder / "conf.json").read_text())
-        return cls(folder.parent.parent, folder.parent.name, stored["conf"], stored["hash"])
+        return cls(folder.parent.parent, folder.parent.name, stored["conf"], stored["hash"], summary_keys)
 
     def path(self, name: str) -> Path:
         return self.dir / f"{encode_name(name)}.npz"
@@ -205,37 +223,107 @@ class FeatureStore:
         """Names of all images with a feature file in this store."""
         return {decode_name(p.stem) for p in self.dir.glob("*.npz") if not p.name.startswith(".")}
 
+    def _record(self, arrays: dict[str, np.ndarray], stat) -> dict:
+        """The manifest record of an entry holding `arrays`, whose file has `stat`."""
+        record = {"z": stat[0], "m": stat[1], "i": stat[2], "t": time.time_ns()}
+        stamp = arrays.get(HASH_KEY)
+        if stamp is None or str(stamp) != self.key:
+            record["h"] = None if stamp is None else str(stamp)
+        if SOURCE_KEY in arrays:
+            record["s"] = str(arrays[SOURCE_KEY])
+        if RETRY_KEY in arrays:
+            record["r"] = 1
+        if ERROR_KEY in arrays:
+            record["e"] = str(arrays[ERROR_KEY])
+        summary = {k: np.asarray(arrays[k]).tolist() for k in self.summary_keys if k in arrays}
+        if summary:
+            record["x"] = summary
+        return record
+
+    def records(self, images: dict[str, Path | None]) -> dict[str, dict | None]:
+        """The manifest record of each entry of `images` ({name: source path or None}) that
+        is intact as far as a stat tells, stamped with this store's conf hash and made from
+        this version of its source file; None for the others (absent, damaged, stale).
+        Retry and error entries have records (keys "r", "e"; see `stages.common.manifest`).
+
+        Reads the manifest and stats each entry file; an entry without a trusted record is
+        read in full once (the zip CRC-32 of each array checked) and its record added.
+        """
+        known = self.manifest.load()
+        out, checked = {}, 0
+        for name, source in images.items():
+            path = self.path(name)
+            stat = file_stat(path)
+            record = known.get(name)
+            if stat is None:
+                out[name] = None
+                continue
+            if not trusted(record, stat):
+                try:
+                    arrays = load_npz(path)
+                except ValueError as e:
+                    logger.warning("recomputing cache entry: %s", e)
+                    out[name] = None
+                    continue
+                if file_stat(path) != stat:  # replaced while being read: check it next time
+                    out[name] = None
+                    continue
+                record = self._record(arrays, stat)
+                self.manifest.append(name, record)
+                checked += 1
+            current = record.get("h", self.key) == self.key and (
+                source is None or record.get("s") == source_stamp(source))
+            out[name] = record if current else None
+        if checked:
+            self.manifest.compact()
+        return out
+
     def is_current(self, name: str, source: Path | None = None) -> bool:
         """True when `name` has an intact entry made from this version of `source` and not
-        marked for retry. Every array is read, so the zip CRC-32 of each is checked: a
-        damaged entry counts as missing (and is recomputed) instead of being trusted."""
-        path = self.path(name)
-        if not path.exists():
-            return False
-        try:
-            arrays = load_npz(path)
-        except ValueError as e:
-            logger.warning("recomputing cache entry: %s", e)
-            return False
-        if HASH_KEY not in arrays or str(arrays[HASH_KEY]) != self.key or RETRY_KEY in arrays:
-            return False
-        return source is None or (SOURCE_KEY in arrays and str(arrays[SOURCE_KEY]) == source_stamp(source))
+        marked for retry (checked as `records` checks it)."""
+        record = self.records({name: source})[name]
+        return record is not None and not record.get("r")
 
     def missing(self, images: dict[str, Path], overwrite: bool = False) -> list[str]:
-        """Names among `images` ({name: source path}) whose entry is absent, corrupt or
-        older than its source file; all of them if `overwrite`."""
+        """Names among `images` ({name: source path}) whose entry is absent, corrupt,
+        marked for retry or older than its source file; all of them if `overwrite`. Stats
+        the entry files and reads the manifest (`records`)."""
         if overwrite:
             return list(images)
-        present = self.names()
-        return [n for n, src in images.items() if n not in present or not self.is_current(n, src)]
+        records = self.records(images)
+        return [n for n in images if records[n] is None or records[n].get("r")]
+
+    def summary(self, record: dict | None, key: str):
+        """The `summary_keys` array `key` of an entry's record (a list), or None when the
+        record does not hold it."""
+        return None if record is None else record.get("x", {}).get(key)
 
     def write(self, name: str, arrays: dict[str, np.ndarray], source: Path | None = None) -> None:
         """Atomically writes the feature arrays of image `name`, stamped with the conf hash
-        and, when given, the size and mtime of its source image file."""
+        and, when given, the size and mtime of its source image file, and records it in
+        this writer's manifest journal (`flush` merges it)."""
         stamps = {HASH_KEY: np.array(self.key)}
         if source is not None:
             stamps[SOURCE_KEY] = np.array(source_stamp(source))
-        atomic_save_npz(self.path(name), {**arrays, **stamps})
+        arrays = {**arrays, **stamps}
+        path = self.path(name)
+        atomic_save_npz(path, arrays)
+        stat = file_stat(path)
+        if stat is not None:
+            self.manifest.append(name, self._record(arrays, stat))
+
+    def flush(self) -> None:
+        """Merges this writer's manifest journal into the store's manifest (call when done
+        writing; a journal left unmerged, by a killed run, is merged by the next flush)."""
+        self.manifest.compact()
+
+    def clear(self) -> None:
+        """Deletes every entry and the manifest (the features are invalid, e.g. projected
+        by a PCA learned again)."""
+        self.manifest.reset()
+        for entry in self.dir.glob("*.npz"):
+            entry.unlink(missing_ok=True)
+        shutil.rmtree(self.dir / MATRIX_DIR, ignore_errors=True)
 
     def write_error(self, name: str, reason: str, source: Path | None = None, retry: bool = False) -> None:
         """Records that image `name` could not be used, so later runs skip it until the

@@ -100,17 +100,20 @@ def extract_to_store(store: FeatureStore, images: dict[str, Path],
     start = time.perf_counter()
     names = list(images)
     results = _results(names, images, compute, prefetch, workers)
-    for name, arrays, error, exc in progress(results, total=len(names), desc=desc, unit="img"):
-        if error is not None:
-            logger.warning("skipping unreadable image %s", error)
-            failed[name] = error.reason
-            store.write_error(name, error.reason, images[name], retry=error.transient)
-        elif exc is not None:  # one bad image must not end the run
-            logger.error("failed to process %s (%s): %s", name, images[name], exc, exc_info=exc)
-            failed[name] = f"processing failed ({type(exc).__name__}: {exc})"
-            store.write_error(name, failed[name], images[name], retry=True)
-        else:
-            store.write(name, arrays, images[name])
+    try:
+        for name, arrays, error, exc in progress(results, total=len(names), desc=desc, unit="img"):
+            if error is not None:
+                logger.warning("skipping unreadable image %s", error)
+                failed[name] = error.reason
+                store.write_error(name, error.reason, images[name], retry=error.transient)
+            elif exc is not None:  # one bad image must not end the run
+                logger.error("failed to process %s (%s): %s", name, images[name], exc, exc_info=exc)
+                failed[name] = f"processing failed ({type(exc).__name__}: {exc})"
+                store.write_error(name, failed[name], images[name], retry=True)
+            else:
+                store.write(name, arrays, images[name])
+    finally:
+        store.flush()  # the manifest records what was written, also when the loop was cut short
     seconds = time.perf_counter() - start
     done = len(names) - len(failed)
     if names:

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import logger, setup_logging
+from stages.common import logger, matrix, setup_logging
 from stages.common.cache import FeatureStore, atomic_save_npz, atomic_write_json
 from stages.common.conf import resolve
 from stages.common.dataset import Dataset
-from stages.common.extraction import load_from_store
 from stages.common.pca import apply_whitening, learn_pca_whitening
 from stages.common.shortlist import complete_orders, save_ranking, similarities, write_pairs
 
@@ -253,7 +252,7 @@ def learn_reference_side(conf: dict, store: FeatureStore, references: dict[str, 
     """
     mode = whitening_mode(conf, store.conf)
     images = {**references, **train}
-    features, errors = load_from_store(store, images, images)
+    features, errors = load_descriptors(store, images)
     ok_train = [k for k in train if k in features]
     applied, whitening = learn_whitening(
         mode, conf["whiten_dim"],
@@ -343,6 +342,32 @@ def report_skipped(store: FeatureStore, errors: dict[str, str], images: dict[str
             logger.warning("skipping unreadable image %s: %s (recorded in the cache)", images[name], reason)
 
 
+def load_descriptors(store: FeatureStore, images: dict[str, Path], with_regions=()) -> tuple[dict, dict]:
+    """The global descriptors of `images` from the store's matrix files (`stages.common.matrix`:
+    one file per array instead of one entry per image), checked against their source files.
+
+    Args:
+        store: the global descriptor store.
+        images: {name: source path}.
+        with_regions: names that also need their "region_descriptors" (the queries).
+
+    Returns:
+        ({name: {"descriptor": float32 [D], and for `with_regions` "region_descriptors"
+        float32 [G, D]}} for the usable entries, {name: reason} for the others).
+    """
+    names, rows, errors = matrix.load_rows(store, images, "descriptor")
+    features = {n: {"descriptor": rows[i]} for i, n in enumerate(names)}
+    regions = {n: images[n] for n in with_regions if n in features}
+    if regions:
+        names, rows, region_errors = matrix.load_rows(store, regions, "region_descriptors")
+        for i, n in enumerate(names):
+            features[n]["region_descriptors"] = rows[i]
+        for n, reason in region_errors.items():
+            features.pop(n, None)
+            errors[n] = reason
+    return features, errors
+
+
 def main(conf: dict, features_dir: Path, dataset: Dataset, out_dir: Path,
          since: float | None = None) -> tuple[Path, Path]:
     """Ranks every reference of `dataset` for every query from cached global descriptors.
@@ -367,7 +392,7 @@ def main(conf: dict, features_dir: Path, dataset: Dataset, out_dir: Path,
     mode = whitening_mode(conf, store.conf)
     train, labels = dataset.training_images() if needs_training_images(conf, store.conf) else ({}, {})
     images = {**dataset.images, **train}
-    features, errors = load_from_store(store, images, images)
+    features, errors = load_descriptors(store, images, dataset.queries if conf["query_regions"] else ())
     report_skipped(store, errors, images, since)
     query_names, ref_names = list(dataset.queries), list(dataset.references)
     ok_train = [k for k in train if k in features]
@@ -464,7 +489,7 @@ def calibration_pairs(conf: dict, features_dir: Path, dataset: Dataset, out_dir:
         train = {k: p for k, p in train.items() if labels[k] in set(classes)}
     mode = whitening_mode(conf, store.conf)
     references = dataset.references if mode == "pca" else {}
-    features, _ = load_from_store(store, {**train, **references})
+    features, _ = load_descriptors(store, {**train, **references}, train if conf["query_regions"] else ())
     names_by_class: dict[str, list[str]] = {}
     for key in sorted(k for k in features if k in train):
         names_by_class.setdefault(labels[key], []).append(key)

@@ -13,13 +13,16 @@ Reads the stage-1 shortlist (``pairs-global-top{k}.txt``), extracts each needed 
 - ``extracted_rotations`` int16 [G]: the rotations this entry covers
 """
 
+import json
+import time
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from stages.common import logger, setup_logging
-from stages.common.cache import FeatureStore, atomic_save_npz, exclusive_lock, load_npz, source_stamp
+from stages.common.cache import FeatureStore, atomic_save_npz, atomic_write_json, exclusive_lock, load_npz, source_stamp
 from stages.common.conf import conf_hash, resolve, stage_parser
 from stages.common.extraction import extract_to_store
 from stages.common.images import ImageReadError, read_image
@@ -55,7 +58,7 @@ default_conf = {
     "min_contrast": 8.0,
     "min_textured": 0.5,
     "max_blank": 0.2,
-    "pca_dim": 40,  # delf-lite0: PCA learned on reference features
+    "pca_dim": 40,  # delf-lite0: PCA learned once per data folder (`ensure_pca`, `pca_source`)
     "pca_max_images": 60,
     # Queries are also described rotated by these angles (counter-clockwise; DELF features
     # are not rotation invariant, and phone photos come in any orientation). The unrotated
@@ -118,86 +121,148 @@ def _finish(raw: dict, pca: dict | None) -> dict:
 
 
 class PCAUnavailableError(RuntimeError):
-    """The local-descriptor PCA cannot be learned: no shortlisted reference gave features."""
+    """The local-descriptor PCA cannot be learned: no sampled image gave features."""
 
 
-def _pca_sample(refs: list[str], n: int) -> list[str]:
-    refs = sorted(refs)
-    if len(refs) <= n:
-        return refs
-    return [refs[i] for i in np.linspace(0, len(refs) - 1, n).round().astype(int)]
+@dataclass(frozen=True)
+class PCASource:
+    """What the local-descriptor PCA of a run is learned on, and what it is pinned by.
+
+    Attributes:
+        images: {name: path} to sample it from (`pca_max_images` of them, evenly spaced by
+            name): the data set's training images when it has any, else its readable
+            references (`pca_source`).
+        kind: "training" or "references" (logged and kept in ``pca.json``).
+        dataset: the data folder (resolved) the PCA and the store are keyed by, so that
+            adding references to it keeps both; None keys them by the sample itself (the
+            names and file stamps of the sampled images).
+        relearn_since: a time.time(): a PCA learned before it is learned again
+            (``--relearn-pca``). The run's start time, so that the several calls of one
+            run (shortlist windows, calibration, shards) learn it once.
+    """
+
+    images: dict = field(default_factory=dict)
+    kind: str = "references"
+    dataset: str | None = None
+    relearn_since: float | None = None
 
 
-def ensure_pca(store: FeatureStore, get_backend, conf: dict, refs: list[str], images: dict[str, Path],
-               overwrite: bool = False) -> tuple[dict, set[str]]:
+def pca_source(dataset, unreadable=(), relearn_since: float | None = None) -> PCASource:
+    """The `PCASource` of a data set: its training images when it has any, else its
+    references not in `unreadable`; keyed by its folder.
+
+    Args:
+        dataset: a `stages.common.dataset.Dataset`.
+        unreadable: reference names to leave out (stage 1's ``skipped.json``).
+        relearn_since: see `PCASource`.
+    """
+    train = dataset.training_images()[0]
+    if train:
+        images, kind = train, "training"
+    else:
+        images, kind = {r: p for r, p in dataset.references.items() if r not in set(unreadable)}, "references"
+    return PCASource(images, kind, str(Path(dataset.root).resolve()), relearn_since)
+
+
+def _pca_sample(names, n: int) -> list[str]:
+    names = sorted(names)
+    if len(names) <= n:
+        return names
+    return [names[i] for i in np.linspace(0, len(names) - 1, n).round().astype(int)]
+
+
+def _learned_since(info_path: Path, since: float | None) -> bool:
+    """Whether the PCA described by ``pca.json`` may be kept: always without `since`, else
+    when it was learned at or after `since`."""
+    if since is None:
+        return True
+    try:
+        return float(json.loads(info_path.read_text())["learned_at"]) >= since
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def ensure_pca(store: FeatureStore, get_backend, conf: dict, source: PCASource) -> tuple[dict, set[str]]:
     """Loads the store's PCA, or learns it on raw features (from the backend `get_backend()`
-    returns) of up to `pca_max_images` references, evenly spaced by name, and caches it as
-    ``pca.npz`` beside the features.
+    returns) of up to `pca_max_images` images of `source`, evenly spaced by name, and pins
+    it as ``pca.npz`` beside the features, with ``pca.json`` saying when and on what.
 
-    The PCA belongs to the store: every feature in it is projected by the same matrix, and
-    the sampled references (names and file stamps) are part of the store's key
-    (`store_for`), so a dataset never reuses a PCA learned on another one. A file lock
-    (released by the system even when its holder is killed) makes concurrent runs learn it
-    once. The
-    sampled references' features are written to the store on the way, exactly as a later
-    extraction would write them. A damaged ``pca.npz`` is not trusted: the store's
-    entries, projected by it, are deleted and the PCA learned again.
+    The PCA belongs to the store: every feature in it is projected by the same matrix. It
+    is kept until `source.relearn_since` asks for it again, whatever references are added
+    (the store is keyed by the data set, `store_for`); relearning it deletes the store's
+    entries, projected by the old one. A file lock (released by the system even when its
+    holder is killed) makes concurrent runs and shards learn it once. The sampled images'
+    features are written to the store on the way, exactly as a later extraction would
+    write a reference. A damaged ``pca.npz`` is not trusted: the store's entries are
+    deleted and the PCA learned again.
 
     Returns:
-        (pca {"mean", "projection"}, names of the references written while learning it).
+        (pca {"mean", "projection"}, names of the images written while learning it).
 
     Raises:
-        PCAUnavailableError: no sampled reference was readable or gave features.
+        PCAUnavailableError: no sampled image was readable or gave features.
     """
-    path = store.dir / "pca.npz"
-    written: set[str] = set()
-    if overwrite:
-        path.unlink(missing_ok=True)
-    try:
-        return load_npz(path), written
-    except ValueError:
-        pass  # missing (or damaged: checked again under the lock)
+    path, info = store.dir / "pca.npz", store.dir / "pca.json"
+    if _learned_since(info, source.relearn_since):
+        try:
+            return load_npz(path), set()
+        except ValueError:
+            pass  # missing (or damaged: checked again under the lock)
     with exclusive_lock(store.dir / "pca.lock"):
-        if path.exists():
+        if path.exists() and _learned_since(info, source.relearn_since):
             try:
-                return load_npz(path), written
+                return load_npz(path), set()
             except ValueError as e:
                 logger.warning("%s; deleting the local features it projected and learning it again", e)
-                for entry in store.dir.glob("*.npz"):
-                    entry.unlink(missing_ok=True)
-        written = _learn_pca(store, get_backend(), conf, refs, images, path)
+        elif path.exists():
+            logger.info("learning the local-descriptor PCA again (--relearn-pca): deleting the local features "
+                        "of %s", store.dir)
+        store.clear()
+        written = _learn_pca(store, get_backend(), conf, source, path)
     return load_npz(path), written
 
 
-def _learn_pca(store, backend, conf, refs, images, path) -> set[str]:
-    sample = _pca_sample(refs, conf["pca_max_images"])
-    logger.info("learning local-descriptor PCA (%d -> %d) on %d references", backend.dim, conf["pca_dim"], len(sample))
+def _learn_pca(store, backend, conf, source: PCASource, path) -> set[str]:
+    sample = _pca_sample(source.images, conf["pca_max_images"])
+    logger.info("learning local-descriptor PCA (%d -> %d) on %d %s images", backend.dim, conf["pca_dim"],
+                len(sample), source.kind)
     raw = {}
     for name in sample:
         try:
-            raw[name] = _describe_raw(backend, read_image(images[name]), [0])
+            raw[name] = _describe_raw(backend, read_image(source.images[name]), [0])
         except ImageReadError as e:
             logger.warning("skipping unreadable image %s", e)
     # Learned on the descriptors at their float16 storage precision.
     vectors = [f["descriptors"].astype(np.float16).astype(np.float32) for f in raw.values() if len(f["descriptors"])]
     if sum(map(len, vectors)) < 2:
-        raise PCAUnavailableError(f"cannot learn the local PCA: none of {len(sample)} sampled references "
+        raise PCAUnavailableError(f"cannot learn the local PCA: none of {len(sample)} sampled {source.kind} images "
                                   "gave local features")
     pca = learn_pca_whitening(np.concatenate(vectors), conf["pca_dim"], shrinkage=1.0)
     atomic_save_npz(path, pca)
-    for name, feats in raw.items():
-        store.write(name, _finish(feats, pca), images[name])
+    atomic_write_json(path.with_suffix(".json"), {
+        "learned_at": time.time(), "learned_on": source.kind, "dataset": source.dataset,
+        "images": [[n, source_stamp(source.images[n])] for n in sample]})
+    try:
+        for name, feats in raw.items():
+            store.write(name, _finish(feats, pca), source.images[name])
+    finally:
+        store.flush()
     return set(raw)
 
 
-def store_for(conf: dict, cache_root: Path, pca_refs=(), images: dict[str, Path] | None = None) -> FeatureStore:
+def store_for(conf: dict, cache_root: Path, source: PCASource | None = None) -> FeatureStore:
     """The feature store of `conf`. For a backend whose descriptors are projected by a
-    learned PCA, the key also names the references the PCA is learned on (`pca_refs`,
-    sampled as `ensure_pca` samples them, with the size and mtime of their files in `images`)."""
+    learned PCA, the key also names what the PCA is pinned by: `source.dataset`, or without
+    one the images it is sampled from (names, and the size and mtime of their files)."""
     parts = [conf, backend_identity(conf)]
     if BACKENDS[conf["backend"]].needs_pca:
-        parts.append([(n, source_stamp(images[n])) for n in _pca_sample(pca_refs, conf["pca_max_images"])])
-    return FeatureStore(cache_root, "local", conf, conf_hash(*parts))
+        source = source or PCASource()
+        if source.dataset is not None:
+            parts.append({"dataset": source.dataset})
+        else:
+            parts.append([(n, source_stamp(source.images[n])) for n in _pca_sample(source.images,
+                                                                                     conf["pca_max_images"])])
+    return FeatureStore(cache_root, "local", conf, conf_hash(*parts), summary_keys=("extracted_rotations",))
 
 
 def _extracted_rotations(store: FeatureStore, name: str) -> set[int] | None:
@@ -211,12 +276,17 @@ def _extracted_rotations(store: FeatureStore, name: str) -> set[int] | None:
 
 
 def needs_extraction(store: FeatureStore, images: dict[str, Path], rotations, overwrite: bool) -> list[str]:
-    """Names whose entry is missing, stale, or lacks one of `rotations`."""
-    todo = set(store.missing(images, overwrite))
+    """Names whose entry is missing, stale, or lacks one of `rotations` (read from the
+    store's manifest; from the entry when the manifest does not hold them)."""
+    if overwrite:
+        return list(images)
+    records = store.records(images)
+    todo = {n for n in images if records[n] is None or records[n].get("r")}
     if len(rotations) > 1:
         for name in images:
-            if name not in todo:
-                done = _extracted_rotations(store, name)
+            if name not in todo and "e" not in records[name]:
+                done = store.summary(records[name], "extracted_rotations")
+                done = set(done) if done is not None else _extracted_rotations(store, name)
                 if done is not None and not set(rotations) <= done:
                     todo.add(name)
     return [n for n in images if n in todo]
@@ -236,7 +306,8 @@ class LazyBackend:
 
 
 def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path, overwrite: bool = False,
-         shard: tuple[int, int] = (0, 1), backend: LazyBackend | None = None, references=None) -> Path:
+         shard: tuple[int, int] = (0, 1), backend: LazyBackend | None = None,
+         pca_source: PCASource | None = None) -> Path:
     """Extracts local features of the queries and shortlisted references in `pairs_path`.
 
     Args:
@@ -244,13 +315,13 @@ def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path
         pairs_path: stage-1 shortlist, "query<TAB>reference" per line.
         images: {image name: path} covering every name in the shortlist.
         cache_root: cache folder; features go to ``<cache_root>/local/<name>-<hash>/``.
-        overwrite: recompute cached entries (and, in shard 0, the PCA).
+        overwrite: recompute cached entries (the pinned PCA is kept: see `pca_source`).
         shard: (i, n) computes only every n-th image starting at i. The shards share the
-            store's PCA: with `overwrite`, only shard 0 learns it again, so run shard 0 first
-            (n shards relearning it at once would each replace the others').
+            store's PCA (the first to need it learns it, under a lock).
         backend: a `LazyBackend` of `conf` to share between calls (one is made otherwise).
-        references: every reference name of the dataset: the local-descriptor PCA is
-            learned on an evenly spaced sample of them (default: the shortlisted ones).
+        pca_source: what the local-descriptor PCA is learned on and pinned by, and whether
+            to learn it again (`PCASource`, `pca_source`; default: the shortlisted
+            references, keyed by that sample).
 
     Returns:
         The feature store folder.
@@ -259,18 +330,18 @@ def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path
     pairs = read_pairs(pairs_path)
     queries = sorted(pairs)
     refs = sorted({r for rs in pairs.values() for r in rs})
-    pca_refs = refs if references is None else sorted(references)
-    store = store_for(conf, cache_root, pca_refs, images)
+    source = pca_source or PCASource({r: images[r] for r in refs})
+    store = store_for(conf, cache_root, source)
     get_backend = backend or LazyBackend(conf, cache_root)
-    pca, fresh = None, set()
+    pca = None
     if BACKENDS[conf["backend"]].needs_pca:
-        pca, fresh = ensure_pca(store, get_backend, conf, pca_refs, images, overwrite and shard[0] == 0)
+        pca, fresh = ensure_pca(store, get_backend, conf, source)
         if fresh:
-            logger.info("local features: %d references described while learning the PCA", len(fresh))
+            logger.info("local features: %d %s images described while learning the PCA", len(fresh), source.kind)
     jobs = [("queries", queries, conf["query_rotations"]), ("references", refs, [0])]
     for label, names, rotations in jobs:
         names = names[shard[0]::shard[1]]
-        todo = needs_extraction(store, {n: images[n] for n in names if n not in fresh}, rotations, overwrite)
+        todo = needs_extraction(store, {n: images[n] for n in names}, rotations, overwrite)
         logger.info("local features: %d of %d %s to extract", len(todo), len(names), label)
         if not todo:
             continue
@@ -291,21 +362,23 @@ def cli(argv=None):
     parser.add_argument("--pairs", type=Path, required=True,
                         help="shortlist file from stage 1 (pairs-global-top*.txt or pairs-calibration.txt)")
     parser.add_argument("--data", type=Path, required=True, help="data folder (hackathon layout)")
+    parser.add_argument("--relearn-pca", action="store_true",
+                        help="learn the local-descriptor PCA again (delf-lite0: it is learned once per data "
+                             "folder, on its training images or else a sample of its references, and kept in "
+                             "the cache while references are added); deletes the local features it projected")
     args = parser.parse_args(argv)
     setup_logging()
-    import json
-
     from stages.common.dataset import load_dataset
 
     conf = resolve(default_conf, confs, args.conf)
     dataset = load_dataset(args.data)
-    # The PCA is learned on the readable references, as in a pipeline run: the unreadable
-    # ones are listed in the skipped.json that stage 1 wrote beside the shortlist.
+    # Without training images the PCA is learned on the readable references, as in a pipeline
+    # run: the unreadable ones are listed in the skipped.json that stage 1 wrote beside the shortlist.
     skipped = args.pairs.parent / "skipped.json"
     unreadable = set(json.loads(skipped.read_text())["references"]) if skipped.exists() else set()
     images = {**dataset.images, **dataset.training_images()[0]}  # a calibration shortlist pairs training images
-    print(main(conf, args.pairs, images, args.cache, args.overwrite, args.shard,
-               references=[r for r in dataset.references if r not in unreadable]))
+    source = pca_source(dataset, unreadable, time.time() if args.relearn_pca else None)
+    print(main(conf, args.pairs, images, args.cache, args.overwrite, args.shard, pca_source=source))
 
 
 if __name__ == "__main__":

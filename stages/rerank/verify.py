@@ -338,18 +338,21 @@ def main(conf: dict, pairs_path: Path, local_store_dir: Path, cache_root: Path, 
                 sum(len(set(r)) for r in pairs.values()), len(todo), store.dir)
     tasks = [(str(local.dir), q, refs, [stamps[r] for r in refs], conf) for q, refs in todo.items()]
     start, skipped = time.perf_counter(), 0
-    with Progress(n_pairs, "geometric verification", "pair") as bar:
-        for query, refs, (inliers, matches) in _parallel(tasks, workers, backend):
-            bar.update(len(refs))
-            ok = inliers >= 0
-            skipped += int((~ok).sum())
-            # the query's other cached pairs stay even with overwrite: a deeper window of the
-            # same run verifies a second pairs file into the same entry
-            known = cached_pairs(store, query, local, stamps)
-            known.update({r: (int(n), m) for r, n, m, good in zip(refs, inliers, matches, ok, strict=True) if good})
-            if not known:  # the query's local features are missing
-                continue
-            store.write(query, entry_arrays(known, stamps), source=local.path(query))
+    try:
+        with Progress(n_pairs, "geometric verification", "pair") as bar:
+            for query, refs, (inliers, matches) in _parallel(tasks, workers, backend):
+                bar.update(len(refs))
+                ok = inliers >= 0
+                skipped += int((~ok).sum())
+                # the query's other cached pairs stay even with overwrite: a deeper window of the
+                # same run verifies a second pairs file into the same entry
+                known = cached_pairs(store, query, local, stamps)
+                known.update({r: (int(n), m) for r, n, m, good in zip(refs, inliers, matches, ok, strict=True) if good})
+                if not known:  # the query's local features are missing
+                    continue
+                store.write(query, entry_arrays(known, stamps), source=local.path(query))
+    finally:
+        store.flush()  # the manifest records the entries written
     seconds = time.perf_counter() - start
     _importable()._prepared_ref.cache_clear()  # in-process runs (workers=1, threading) hold up to REF_CACHE_SIZE images
     if skipped:
