@@ -14,17 +14,9 @@ from stages.common import logger as pipeline_logger
 from stages.common.cache import FeatureStore
 from stages.common.dataset import load_dataset
 from stages.common.shortlist import read_pairs
+from tests.conftest import Collect
 
 REFERENCE = "test/test_data/reference"
-
-
-class Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
 
 
 def logged_run(dataset, out, rc):

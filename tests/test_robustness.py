@@ -36,6 +36,7 @@ from stages.common.cache import (
 from stages.common.image_header import read_header
 from stages.common.images import ImageReadError, read_image
 from stages.common.shortlist import read_pairs, write_pairs
+from tests.conftest import Collect
 
 ROOT = Path(__file__).resolve().parent.parent
 QUERY = Path("test/test_data/query")
@@ -383,15 +384,6 @@ def new_cache(path: Path, weights: Path) -> Path:
     """An empty cache folder holding (hard links to) the converted weights."""
     shutil.copytree(weights, path / "weights", copy_function=os.link)
     return path
-
-
-class Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
 
 
 @pytest.fixture

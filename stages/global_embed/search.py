@@ -94,6 +94,14 @@ def _faiss_top(index, block: np.ndarray, ref_t: np.ndarray, k: int, k_search: in
     return order, scores
 
 
+def _regions(query_desc, backend: str) -> np.ndarray:
+    """float32 [Q, G, D] from [Q, D] or [Q, G, D] query descriptors; checks `backend`."""
+    if backend not in ("faiss", "blas"):
+        raise ValueError(f"unknown ranking backend {backend!r}; choose faiss or blas")
+    query_desc = np.asarray(query_desc, np.float32)
+    return query_desc[:, None] if query_desc.ndim == 2 else query_desc
+
+
 def shortlist_all(query_desc: np.ndarray, ref_desc: np.ndarray, k: int, batch: int = 256,
                   backend: str = "faiss", max_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The first `k` positions of every query's full ranking (`rank_all`), without the rest.
@@ -120,11 +128,7 @@ def shortlist_all(query_desc: np.ndarray, ref_desc: np.ndarray, k: int, batch: i
     Raises:
         ValueError: unknown backend.
     """
-    if backend not in ("faiss", "blas"):
-        raise ValueError(f"unknown ranking backend {backend!r}; choose faiss or blas")
-    query_desc = np.asarray(query_desc, np.float32)
-    if query_desc.ndim == 2:
-        query_desc = query_desc[:, None]
+    query_desc = _regions(query_desc, backend)
     q, r = len(query_desc), len(ref_desc)
     k = min(k, r)
     order = np.empty((q, k), np.int32)
@@ -183,11 +187,7 @@ def rank_all(query_desc: np.ndarray, ref_desc: np.ndarray, batch: int = 256,
     Raises:
         ValueError: unknown backend.
     """
-    if backend not in ("faiss", "blas"):
-        raise ValueError(f"unknown ranking backend {backend!r}; choose faiss or blas")
-    query_desc = np.asarray(query_desc, np.float32)
-    if query_desc.ndim == 2:
-        query_desc = query_desc[:, None]
+    query_desc = _regions(query_desc, backend)
     q, r = len(query_desc), len(ref_desc)
     order = np.empty((q, r), np.int32)
     scores = np.empty((q, r), np.float32)
