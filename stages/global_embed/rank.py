@@ -163,19 +163,9 @@ def shortlist_globally(query_names, ref_names, features: dict, whitening: dict |
         return {**out, "query_descriptors": np.zeros((0, 1, 0), np.float32),
                 "ref_descriptors": np.zeros((len(ok_refs), 0), np.float32),
                 "query_rows": ok_queries[:0], "ranked_refs": np.zeros((n_refs, 0), np.float32)}
-    key = "region_descriptors" if query_regions else "descriptor"
-    ref_desc = np.stack([features[ref_names[i]]["descriptor"] for i in ok_refs])
-    query_desc = np.stack([np.atleast_2d(features[query_names[i]][key]) for i in ok_queries])
-    if whitening is not None:
-        ref_desc = apply_whitening(ref_desc, whitening)
-        query_desc = apply_whitening(query_desc.reshape(-1, query_desc.shape[-1]), whitening).reshape(
-            query_desc.shape[0], query_desc.shape[1], -1)
-    if expand:
-        ref_desc = expansion.database_side_augmentation(ref_desc, expand["dba_k"], expand["dba_alpha"],
-                                                        expand["dba_iterations"])
-        query_desc = expansion.alpha_query_expansion(query_desc, ref_desc, expand["qe_k"], expand["qe_alpha"])
-    query_desc = np.ascontiguousarray(query_desc, np.float32)
-    ref_desc = np.ascontiguousarray(ref_desc, np.float32)
+    _, ref_desc = reference_descriptors(ref_names, features, whitening, expand)
+    query_desc = np.ascontiguousarray(query_descriptors([features[query_names[i]] for i in ok_queries], ref_desc,
+                                                        whitening, query_regions, expand))
     sub_order, sub_scores = search.shortlist_all(query_desc, ref_desc, depth)
     n_top = sub_order.shape[1]  # min(depth, readable references)
     failed_refs = np.setdiff1d(np.arange(n_refs), ok_refs).astype(np.int32)
@@ -230,6 +220,17 @@ def full_ranking(short: dict[str, np.ndarray], n_refs: int, batch: int = 256) ->
     return order, scores
 
 
+def _learn_for(conf: dict, mode: str, store: FeatureStore, features: dict, references, train, labels: dict):
+    """`learn_whitening` on the readable `references` and `train` images of `features`
+    (cached in the store's ``whitening`` folder): (applied mode, whitening dict or None)."""
+    ok_train = [k for k in train if k in features]
+    return learn_whitening(
+        mode, conf["whiten_dim"],
+        np.stack([features[n]["descriptor"] for n in references if n in features] or [np.zeros(1)]),
+        np.stack([features[k]["descriptor"] for k in ok_train]) if ok_train else None,
+        [labels[k] for k in ok_train], store.dir / "whitening")
+
+
 def learn_reference_side(conf: dict, store: FeatureStore, references: dict[str, Path],
                          train: dict[str, Path], labels: dict[str, str]):
     """The whitening and post-processing `main` applies, learned the same way, for a
@@ -253,12 +254,7 @@ def learn_reference_side(conf: dict, store: FeatureStore, references: dict[str, 
     mode = whitening_mode(conf, store.conf)
     images = {**references, **train}
     features, errors = load_descriptors(store, images)
-    ok_train = [k for k in train if k in features]
-    applied, whitening = learn_whitening(
-        mode, conf["whiten_dim"],
-        np.stack([features[n]["descriptor"] for n in references if n in features] or [np.zeros(1)]),
-        np.stack([features[k]["descriptor"] for k in ok_train]) if ok_train else None,
-        [labels[k] for k in ok_train], store.dir / "whitening")
+    applied, whitening = _learn_for(conf, mode, store, features, references, train, labels)
     expand = {k: conf[k] for k in EXPANSION_KEYS}
     if applied == "none":
         expand["dba_k"] = 0  # as `main`: DBA needs whitened descriptors
@@ -395,12 +391,7 @@ def main(conf: dict, features_dir: Path, dataset: Dataset, out_dir: Path,
     features, errors = load_descriptors(store, images, dataset.queries if conf["query_regions"] else ())
     report_skipped(store, errors, images, since)
     query_names, ref_names = list(dataset.queries), list(dataset.references)
-    ok_train = [k for k in train if k in features]
-    applied, whitening = learn_whitening(
-        mode, conf["whiten_dim"],
-        np.stack([features[n]["descriptor"] for n in ref_names if n in features] or [np.zeros(1)]),
-        np.stack([features[k]["descriptor"] for k in ok_train]) if ok_train else None,
-        [labels[k] for k in ok_train], store.dir / "whitening")
+    applied, whitening = _learn_for(conf, mode, store, features, ref_names, train, labels)
     note = ""
     if applied == "none" and conf["whitening"] == "auto":
         note = (" (a trained model's projection head replaces it)" if mode == "none"
