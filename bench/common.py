@@ -103,7 +103,7 @@ def tree_rss_mib(pid: int) -> float:
 
 
 def run_monitored(cmd: list[str], markers: dict[str, str] | None = None, interval: float = 0.2,
-                  env: dict | None = None, cwd: Path = REPO) -> dict:
+                  env: dict | None = None, cwd: Path = REPO, echo: bool = False) -> dict:
     """Runs a command, sampling the summed RSS of its process tree.
 
     Args:
@@ -111,6 +111,8 @@ def run_monitored(cmd: list[str], markers: dict[str, str] | None = None, interva
         markers: {phase name: substring}; when a line of the command's stderr contains the
             substring, the phase starts (phases in the order given; the first starts at once).
         interval: seconds between RSS samples.
+        echo: also pass each line of the command's stderr to this process's stderr (progress
+            of long runs).
 
     Returns:
         {"wall_s", "returncode", "peak_tree_rss_mib": {phase: MiB}, "phase_start_s": {phase: s},
@@ -130,6 +132,9 @@ def run_monitored(cmd: list[str], markers: dict[str, str] | None = None, interva
     def read_err():
         for line in proc.stderr:
             err_lines.append(line)
+            if echo:
+                sys.stderr.write(line)
+                sys.stderr.flush()
             i = phases.index(state["phase"])
             for later in phases[i + 1:]:
                 if markers[later] and markers[later] in line:
