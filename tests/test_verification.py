@@ -216,6 +216,30 @@ def test_calibration_learns_how_much_inliers_say():
     assert abs(blind["w_verify"]) < 0.3 * fitted["w_verify"]
 
 
+def test_calibration_never_lets_the_probability_fall_with_the_global_score():
+    # Training pairs sampled as hard negatives: the other-class pairs are the most similar
+    # ones, so an unconstrained fit gives the global score a negative weight, which would
+    # put every query's best unverified global match last (seen on bench_scale.py's set).
+    rng = np.random.default_rng(1)
+    n = 600
+    same = rng.random(n) < 0.2
+    global_scores = np.where(same, rng.normal(0.45, 0.08, n), rng.normal(0.6, 0.08, n))
+    inliers_ = np.where(same, rng.integers(20, 150, n), rng.integers(0, 25, n))
+    x = calibrate.features(global_scores, inliers_, 20.0)
+    unconstrained, _ = calibrate._fit_logistic(x, same.astype(float), 1.0)
+    assert unconstrained[0] < 0  # the case this guards against
+    fitted = calibrate.fit(global_scores, inliers_, same)
+    assert fitted["w_global"] == 0.0 and fitted["w_verify"] > 0
+    order = np.array([[3, 1, 0, 2]])
+    scores = np.array([[0.9, 0.8, 0.7, 0.6]])
+    # nothing verified: the global order stays
+    assert merge.rerank(order, scores, np.zeros((1, 4)), 4, "calibrated", calibration=fitted).tolist() == [
+        [3, 1, 0, 2]]
+    # a well verified reference moves up; the unverified ones keep their global order
+    out = merge.rerank(order, scores, np.array([[0, 0, 0, 120]]), 4, "calibrated", calibration=fitted)
+    assert out.tolist() == [[2, 3, 1, 0]]
+
+
 def test_calibration_without_enough_pairs_is_the_documented_default():
     fitted = calibrate.fit([0.5, 0.4, 0.3], [50, 10, 0], [True, False, False])
     assert {k: fitted[k] for k in calibrate.DEFAULT} == calibrate.DEFAULT

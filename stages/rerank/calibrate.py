@@ -15,8 +15,10 @@ nothing (chance matches of an unrelated pair: the a-contrario view of Moisan & S
 with the background level measured instead of modelled); it is chosen on a grid by the
 likelihood of the training pairs, and the weights by L2-regularised logistic regression
 (Platt, "Probabilistic outputs for support vector machines", 1999, applied to these two
-evidences). Ranking by this probability moves a reference above a better global match only
-where the training pairs say verification is that reliable.
+evidences), constrained to w >= 0 so that the probability never falls as either evidence
+rises (a weight the fit wants negative is set to 0 and the others refitted). Ranking by
+this probability moves a reference above a better global match only where the training
+pairs say verification is that reliable.
 
 The training pairs' global similarities must be as honest as the test ones: the learned
 whitening is fitted on the training classes, so stage 1 computes them with a whitening
@@ -87,6 +89,26 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 50)
     return w, float(np.sum(np.logaddexp(0.0, z) - y * z))
 
 
+def _fit_monotone(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
+    """`_fit_logistic` with every weight >= 0: a feature whose fitted weight comes out
+    negative is dropped (weight 0) and the rest refitted, until none is (an active set).
+
+    P(same) must not fall as the global similarity or the inlier count rises: a negative
+    weight is an artefact of how the training pairs were sampled (their negatives are the
+    hard, high-similarity ones), and it would turn the global order upside down among
+    the unverified references of a query. Returns (weights [D] and bias, NLL)."""
+    active = list(range(x.shape[1]))
+    while True:
+        w_active, nll = _fit_logistic(x[:, active], y, l2)
+        negative = [j for j, v in zip(active, w_active[:-1], strict=True) if v < 0]
+        if not negative:
+            w = np.zeros(x.shape[1] + 1)
+            w[active] = w_active[:-1]
+            w[-1] = w_active[-1]
+            return w, nll
+        active = [j for j in active if j not in negative]
+
+
 def fit(global_scores, inliers, same, conf: dict = default_conf) -> dict:
     """Fits the calibration on training pairs.
 
@@ -109,7 +131,7 @@ def fit(global_scores, inliers, same, conf: dict = default_conf) -> dict:
         return dict(DEFAULT, pairs=len(y), positives=n_pos)
     best = None
     for t0 in conf["hinge_grid"]:
-        w, nll = _fit_logistic(features(global_scores, inliers, t0), y, conf["l2"])
+        w, nll = _fit_monotone(features(global_scores, inliers, t0), y, conf["l2"])
         if best is None or nll < best[2] - 1e-9:
             best = (t0, w, nll)
     t0, w, nll = best
