@@ -31,10 +31,11 @@ from bench.common import REPO, SMVS, fmt, header, load_average, run_monitored, s
 MARKERS = {"global": "", "local": "local features, conf:", "rerank": "geometric verification, conf:"}
 
 
-def run_pipeline(data: Path, cache: Path, out: Path, extra: list[str], tree: Path = REPO) -> dict:
+def run_pipeline(data: Path, cache: Path, out: Path, extra: list[str], tree: Path = REPO,
+                 echo: bool = False) -> dict:
     cmd = [sys.executable, str(tree / "run_pipeline.py"), "--data", str(data), "--cache", str(cache),
            "--output", str(out), *extra]
-    result = run_monitored(cmd, MARKERS, cwd=tree)
+    result = run_monitored(cmd, MARKERS, cwd=tree, echo=echo)
     if result["returncode"] != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result['stderr'][-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())

@@ -33,7 +33,7 @@ stages' "N of M ... to compute" log lines). The pipeline's log is passed through
 
 import argparse
 import csv
-import json
+import io
 import re
 import shutil
 import sys
@@ -44,12 +44,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import REPO, SMVS, fmt, header, load_average, run_monitored, save_results, table  # noqa: E402
+from bench.bench_e2e import run_pipeline  # noqa: E402
+from bench.common import SMVS, fmt, header, load_average, save_results, table  # noqa: E402
+from stages.common.cache import atomic_write_bytes  # noqa: E402
+from stages.common.dataset import read_ground_truth  # noqa: E402
+from stages.common.images import resize_long_side  # noqa: E402
 
 GROCERY = SMVS.parent / "grocery_store"
 QUERY_DIR, REFERENCE_DIR, TRAIN_DIR = "test/test_data/query", "test/test_data/reference", "train/train_data"
 GROCERY_TRAIN_CLASSES = 8  # the first 8 grocery training classes train; the other 33 are sources
-MARKERS = {"global": "", "local": "local features, conf:", "rerank": "geometric verification, conf:"}
 COUNTS = {  # column: the stage log line that says how many entries it computes
     "global": r"global descriptors: (\d+) of \d+ images to compute",
     "local queries": r"local features: (\d+) of \d+ queries to extract",
@@ -80,19 +83,13 @@ def source_photos() -> tuple[list[Path], list[str], dict[str, list[Path]]]:
         else:
             sources += sorted(d.glob("*.jpg"))
     grocery_test_class = {}  # a grocery test query and its 11 relevant references share one product
-    with (GROCERY / "test/ground_truth.csv").open() as f:
-        for rec in csv.DictReader(f):
-            grocery_test_class.setdefault(rec["reference"], "grocerytest" + rec["query"])
-    with (GROCERY / "test/ground_truth.csv").open() as f:
-        for rec in csv.DictReader(f):
-            grocery_test_class.setdefault(rec["query"], grocery_test_class[rec["reference"]])
+    truth = read_ground_truth(GROCERY / "test/ground_truth.csv")
+    for query, refs in truth.items():
+        for r in refs:
+            grocery_test_class.setdefault(r, "grocerytest" + query)
+    for query, refs in truth.items():
+        grocery_test_class[query] = grocery_test_class[min(refs)]
     return sources, [_product(p, grocery_test_class) for p in sources], train
-
-
-def _resize_long_side(image: np.ndarray, side: int) -> np.ndarray:
-    scale = side / max(image.shape[:2])
-    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
 
 def _crop(image: np.ndarray, rng: np.random.Generator, low: float, high: float) -> np.ndarray:
@@ -109,7 +106,7 @@ def reference_view(image: np.ndarray, seed: int) -> np.ndarray:
     if rng.random() < 0.5:
         out = out[:, ::-1]
     out = out.astype(np.float32) * rng.uniform(0.85, 1.15, size=3) + rng.uniform(-20, 20)
-    return _resize_long_side(np.clip(out, 0, 255).astype(np.uint8), int(rng.integers(320, 801)))
+    return resize_long_side(np.clip(out, 0, 255).astype(np.uint8), int(rng.integers(320, 801)))[0]
 
 
 def query_view(image: np.ndarray, seed: int) -> np.ndarray:
@@ -121,14 +118,14 @@ def query_view(image: np.ndarray, seed: int) -> np.ndarray:
         out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.8, 1.6))
     if rng.random() < 0.2:
         out = np.rot90(out, int(rng.integers(1, 4)))
-    return _resize_long_side(np.ascontiguousarray(out), int(rng.integers(400, 1001)))
+    return resize_long_side(np.ascontiguousarray(out), int(rng.integers(400, 1001)))[0]
 
 
 def _write(path: Path, image: np.ndarray) -> None:
-    tmp = path.with_name(path.stem + ".tmp.jpg")
-    if not cv2.imwrite(str(tmp), np.ascontiguousarray(image), [cv2.IMWRITE_JPEG_QUALITY, 88]):
-        raise OSError(f"{tmp}: could not write the image")
-    tmp.replace(path)
+    ok, jpeg = cv2.imencode(".jpg", np.ascontiguousarray(image), [cv2.IMWRITE_JPEG_QUALITY, 88])
+    if not ok:
+        raise OSError(f"{path}: could not encode the image")
+    atomic_write_bytes(path, jpeg.tobytes())
 
 
 def _make(kind: str, source: Path, seed: int, path: Path) -> None:
@@ -157,13 +154,12 @@ def _ground_truth(path: Path, queries: dict, refs: dict, products: list[str]) ->
     by_product: dict[str, list[str]] = {}
     for name, s in refs.items():
         by_product.setdefault(products[s], []).append(name)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["query", "reference"])
-        for q, s in queries.items():
-            w.writerows([q, r] for r in by_product[products[s]])
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["query", "reference"])
+    for q, s in queries.items():
+        w.writerows([q, r] for r in by_product[products[s]])
+    atomic_write_bytes(path, text.getvalue().encode())
 
 
 def build(data: Path, p: dict) -> None:
@@ -221,16 +217,11 @@ def computed(stderr: str) -> dict[str, int]:
 
 
 def run_once(label: str, data: Path, cache: Path, out: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, str(REPO / "run_pipeline.py"), "--data", str(data), "--cache", str(cache),
-           "--output", str(out), *extra]
     load = load_average()
-    print(f"\n== {label}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    r = run_monitored(cmd, MARKERS, echo=True)
-    if r["returncode"] != 0:
-        raise RuntimeError(f"{label} run failed (exit {r['returncode']}):\n{r['stderr'][-3000:]}")
-    metrics = json.loads((out / "metrics.json").read_text())
-    return {"label": label, "load_before": load[0], "wall_s": r["wall_s"], "timings_s": metrics["timings_s"],
-            "metrics": metrics["metrics"], "peak_tree_rss_mib": max(r["peak_tree_rss_mib"].values()),
+    print(f"\n== {label}: run_pipeline.py --data {data} --cache {cache} --output {out}", file=sys.stderr, flush=True)
+    r = run_pipeline(data, cache, out, extra, echo=True)
+    return {"label": label, "load_before": load[0], "wall_s": r["wall_s"], "timings_s": r["timings"],
+            "metrics": r["metrics"], "peak_tree_rss_mib": max(r["peak_tree_rss_mib"].values()),
             "cache_mb": cache_megabytes(cache), "computed": computed(r["stderr"])}
 
 
