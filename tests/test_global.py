@@ -278,6 +278,35 @@ def test_shards_split_the_work(tmp_path):
         parse_shard("half")
 
 
+def test_pair_whitening_with_fewer_training_images_than_dimensions_is_stable():
+    """Axes the training images do not span are not left to float rounding: descriptors
+    changed by 1e-7 give the same whitened descriptors (before, cosine 0.1-0.2 with 250
+    training images at D = 1280)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 300))
+    labels = np.repeat(np.arange(12), 5)
+    refs = rng.normal(size=(80, 300))
+    test = rng.normal(size=(5, 300))
+    learned = learn_pair_whitening(x, labels, dim=100)
+    n = len(learned["projection"])
+    assert 50 <= n <= 60 and learned["projection"].shape[1] == 300  # the training data's rank, not 100
+    completed = learn_pair_whitening(x, labels, dim=100, complete_with=refs)
+    assert completed["projection"].shape == (100, 300)
+    np.testing.assert_allclose(completed["projection"][:n], learned["projection"], atol=1e-5)
+    noise = 1e-7 * rng.normal(size=x.shape)
+    for w, again in ((learned, learn_pair_whitening(x + noise, labels, dim=100)),
+                     (completed, learn_pair_whitening(x + noise, labels, dim=100, complete_with=refs))):
+        cos = (apply_whitening(test, w) * apply_whitening(test, again)).sum(axis=1)
+        assert cos.min() > 0.9999
+    # the completing axes are the references' principal axes outside the learned ones:
+    # uncorrelated, by decreasing variance
+    y = (refs - completed["mean"]) @ completed["projection"][n:].T
+    gram = y.T @ y
+    off = gram - np.diag(np.diag(gram))
+    assert np.abs(off).max() < 1e-3 * np.diag(gram).max()
+    assert np.all(np.diff(np.diag(gram)) <= 1e-6 * np.diag(gram).max())
+
+
 def test_learned_whitening_is_cached_by_its_inputs(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 6)).astype(np.float32)

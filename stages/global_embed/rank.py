@@ -101,7 +101,8 @@ def learn_whitening(mode: str, dim: int, ref_desc: np.ndarray, train_desc: np.nd
     Args:
         mode: "auto", "learned", "pca" or "none".
         dim: dimensions kept.
-        ref_desc: float32 [R, D] reference descriptors (for "pca").
+        ref_desc: float32 [R, D] reference descriptors (for "pca", and for "learned" the
+            axes beyond what the training images span: `learn_pair_whitening`).
         train_desc: float32 [N, D] training-image descriptors, or None.
         train_labels: [N] class of each training descriptor.
         cache_dir: where learned whitenings are kept, or None.
@@ -116,7 +117,8 @@ def learn_whitening(mode: str, dim: int, ref_desc: np.ndarray, train_desc: np.nd
     if mode == "learned" or (mode == "auto" and has_pairs):
         if not has_pairs:
             raise ValueError("--whitening learned needs train/train_data/<class>/ with 2+ images in a class")
-        return "learned", learn_cached(cache_dir, learn_pair_whitening, train_desc, list(train_labels), dim)
+        return "learned", learn_cached(cache_dir, learn_pair_whitening, train_desc, list(train_labels), dim,
+                                       complete_with=None if ref_desc is None else np.asarray(ref_desc, np.float32))
     if mode == "pca":
         if len(ref_desc) < 2:
             logger.warning("PCA whitening needs 2+ readable references, %d found: no whitening", len(ref_desc))
