@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import REPO, SMVS, load_average, machine_line, table  # noqa: E402
 
-SECTIONS = ("e2e", "extraction", "verification", "search", "search_d128", "shortlist", "storage", "rank_memory",
-            "project")
+SECTIONS = ("e2e", "extraction", "runtime", "verification", "search", "search_d128", "shortlist", "storage",
+            "rank_memory", "project")
 
 
 def wait_for_quiet(max_load: float, max_wait_min: float) -> str:
@@ -62,6 +62,8 @@ def commands(work: Path, results: Path, quick: bool, baseline: Path | None) -> d
         + (["--baseline-tree", str(baseline)] if baseline else []) + (["--warm-runs", "1"] if quick else []),
         "extraction": py + ["bench/bench_extract.py", "--cache", str(cache), "--images", "2" if quick else "8",
                             "--json", str(results)],
+        "runtime": py + ["bench/bench_runtime.py", "--cache", str(cache), "--images", "2" if quick else "8",
+                         "--json", str(results)],
         "verification": py + ["bench/bench_ransac.py", "--pairs", str(work / "cold" / "pairs-global-top100.txt"),
                               "--ground-truth", str(gt), "--breakdown", "--parallel", "--json", str(results)]
         + (["--max-pairs", "30", "--skimage-pairs", "4", "--kdtree-pairs", "6"] if quick else

@@ -28,6 +28,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from stages.common import logger, setup_logging
+from stages.common.backbone import runtime
 from stages.common.conf import conf_hash
 from stages.common.progress import Progress
 from stages.global_embed import extract as global_extract
@@ -45,9 +46,12 @@ MAX_RETRIES = 2
 
 
 def _limit_threads(threads: int) -> None:
-    """Caps TensorFlow's thread pools at the CPUs the actor reserved (one process per
-    CPU already fills the machine); a no-op once TensorFlow has started."""
+    """Caps TensorFlow's thread pools and TensorFlow Lite's threads at the CPUs the actor
+    reserved (one process per CPU already fills the machine); TensorFlow's are a no-op once
+    it has started."""
     import tensorflow as tf
+
+    runtime.configure(threads=threads)
 
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -207,7 +211,8 @@ class RayEngine:
             logger.warning("ray: %d workers of %d CPUs need %d CPUs; the cluster has %d: some wait for CPUs",
                            n, self.worker_cpus, n * self.worker_cpus, cpus)
         env = {"PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
-               "OPENBLAS_NUM_THREADS": str(self.worker_cpus)}
+               "OPENBLAS_NUM_THREADS": str(self.worker_cpus),
+               runtime.ENV_VAR: os.environ.get(runtime.ENV_VAR, "auto")}
         remote = ray.remote(StageWorker).options(num_cpus=self.worker_cpus, runtime_env={"env_vars": env},
                                                  max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES)
         self._actors = [remote.remote(self.worker_cpus, logger.getEffectiveLevel()) for _ in range(n)]

@@ -15,6 +15,7 @@ import numpy as np
 
 from stages.common.backbone import efficientnet_lite as lite
 from stages.common.backbone.model_dir import backbone_identity
+from stages.common.backbone.runtime import compile_model
 
 
 class FeatureModel:
@@ -59,10 +60,10 @@ class Lite(FeatureModel):
 
             load_backbone_weights(self.model, weights_dir)
             self.head = load_global_head(weights_dir)
-        self._run = _compiled(self.model)
+        self._run = compile_model(self.model, cache_dir)  # TFLite on CPU, TensorFlow on a GPU
 
     def __call__(self, rgb):
-        return self._run(lite.preprocess(rgb)[None])["head"][0].numpy()
+        return self._run(lite.preprocess(rgb)[None])["head"][0]
 
 
 class KerasResNet50(FeatureModel):

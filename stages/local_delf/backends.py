@@ -24,6 +24,7 @@ import numpy as np
 
 from stages.common.backbone import efficientnet_lite as lite
 from stages.common.backbone.model_dir import backbone_identity
+from stages.common.backbone.runtime import compile_model
 from stages.common.images import long_side_scale, resize_by, resize_long_side
 
 from .keypoints import cell_centers, dense_candidates, select_top, texture_fractions
@@ -54,8 +55,6 @@ class DenseLite0:
     image_workers = 1  # TensorFlow already spreads one image over every core
 
     def __init__(self, conf: dict, cache_dir: Path):
-        import tensorflow as tf
-
         self.conf = conf
         self.model = lite.build_lite0(outputs=("stride16",))
         self.attention = None
@@ -68,7 +67,7 @@ class DenseLite0:
         else:
             lite.set_weights(self.model, lite.imagenet_weights(cache_dir))
         self.layers = lite.strided_layers(lite.STRIDE16_BLOCK)
-        self._run = tf.function(lambda x: self.model(x, training=False)["stride16"], reduce_retracing=True)
+        self._run = compile_model(self.model, cache_dir)  # TFLite on CPU, TensorFlow on a GPU
 
     def score(self, feature_map: np.ndarray) -> np.ndarray:
         """[h, w, C] -> [h, w] keypoint scores: attention if trained, else feature L2 norm."""
@@ -99,7 +98,7 @@ class DenseLite0:
             ih, iw = image.shape[:2]
             if min(ih, iw) < self.conf["min_side"]:
                 continue
-            fmap = self._run(lite.preprocess(image)[None])[0].numpy()
+            fmap = self._run(lite.preprocess(image)[None])["stride16"][0]
             xy, desc, scores = dense_candidates(fmap, self.score(fmap), self.layers, (ih, iw), (iw / w0, ih / h0))
             textured, blank = texture_fractions(image, cell_centers(fmap.shape[:2], self.layers, (ih, iw)),
                                                 CONTRAST_WINDOW, self.conf["min_contrast"], enlarged=base_scale * s,
