@@ -5,12 +5,14 @@ Usage:
     python bench/bench_extract.py --images 8          # 8 queries + 8 references
     python bench/bench_extract.py --local-backends delf-lite0,sift --skip-global
 
-Each model is built once; every image is processed once untimed (TensorFlow traces a graph
-per new input shape) and then timed, all settings on the same decoded images in turn, so
-the ratios between settings are measured side by side. Queries are phone photos
-(up to 1024 px), references clean scans; the local stage describes queries at the conf's
-rotations (0, 90, 270: three passes) and references once. JPEG decoding is timed
-separately. TensorFlow uses its default thread pools (all cores), as the pipeline does.
+Each model is built once, in the pipeline's runtime (`--runtime`: TensorFlow Lite on a CPU);
+every image is processed once untimed (TFLite allocates, TensorFlow traces, per new input
+shape) and then timed, all settings on the same decoded images in turn, so the ratios
+between settings are measured side by side. Queries are phone photos (up to 1024 px),
+references clean scans; the local stage describes queries at the conf's rotations (0 with
+the whole pyramid, 90, 180 and 270 with three levels) and references once. JPEG decoding is
+timed separately. The backbone uses every core, as the pipeline does; `bench_runtime.py`
+compares the runtimes.
 """
 
 import argparse

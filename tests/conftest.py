@@ -1,6 +1,7 @@
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,29 @@ class Collect(logging.Handler):
 
     def emit(self, record):
         self.lines.append(record.getMessage())
+
+
+@contextmanager
+def collected_logs():
+    """`with collected_logs() as lines:` the package logger's INFO and higher messages,
+    appended to `lines` while the block runs (`cli.main` finds a handler and installs none)."""
+    from stages.common import logger
+
+    handler, level = Collect(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler.lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.fixture
+def log_lines():
+    """The package logger's messages during the test."""
+    with collected_logs() as lines:
+        yield lines
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """Adding references to a warm cache: only the new references' features, and only the pairs
 that involve them or that a changed shortlist brings, are computed (issue 14)."""
 
-import logging
 import os
 import re
 import shutil
@@ -10,24 +9,17 @@ import cv2
 import pytest
 
 from pipeline.run import RunConfig, run
-from stages.common import logger as pipeline_logger
 from stages.common.cache import FeatureStore
 from stages.common.dataset import load_dataset
 from stages.common.shortlist import read_pairs
-from tests.conftest import Collect
+from tests.conftest import collected_logs
 
 REFERENCE = "test/test_data/reference"
 
 
 def logged_run(dataset, out, rc):
-    handler, level = Collect(), pipeline_logger.level
-    pipeline_logger.addHandler(handler)
-    pipeline_logger.setLevel(logging.INFO)
-    try:
-        return run(dataset, out, rc), handler.lines
-    finally:
-        pipeline_logger.removeHandler(handler)
-        pipeline_logger.setLevel(level)
+    with collected_logs() as lines:
+        return run(dataset, out, rc), lines
 
 
 def counted(lines, pattern) -> int:

@@ -6,7 +6,6 @@ concurrency checks, which compare rankings.json byte for byte with an uninterrup
 """
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -23,7 +22,6 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main as cli_main
-from stages.common import logger as pipeline_logger
 from stages.common.cache import (
     FeatureStore,
     atomic_write_json,
@@ -36,7 +34,7 @@ from stages.common.cache import (
 from stages.common.image_header import read_header
 from stages.common.images import ImageReadError, read_image
 from stages.common.shortlist import read_pairs, write_pairs
-from tests.conftest import Collect
+from tests.conftest import collected_logs
 
 ROOT = Path(__file__).resolve().parent.parent
 QUERY = Path("test/test_data/query")
@@ -386,17 +384,6 @@ def new_cache(path: Path, weights: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def log_lines():
-    """The package logger's messages; `cli.main` finds a handler and installs none."""
-    handler, level = Collect(), pipeline_logger.level
-    pipeline_logger.addHandler(handler)
-    pipeline_logger.setLevel(logging.INFO)
-    yield handler.lines
-    pipeline_logger.removeHandler(handler)
-    pipeline_logger.setLevel(level)
-
-
 UNREADABLE_REFS = {"empty": "empty file (0 bytes)", "truncated": "truncated JPEG", "not_an_image":
                    "not a decodable image", "cut": "not a decodable image", "dangling": "broken symbolic link"}
 UNREADABLE_QUERIES = {"q_empty": "empty file (0 bytes)", "q_not_an_image": "not a decodable image"}
@@ -466,18 +453,12 @@ def messy_run(tmp_path_factory, converted_weights):
     before = {"data": file_listing(data), "outside": file_listing(outside)}
     argv = ["--data", str(data), "--cache", str(cache), "--output", str(out), "--top-k", "3", "--expand-to", "6",
             "--workers", "1", "--report", "9"]
-    handler, level = Collect(), pipeline_logger.level
-    pipeline_logger.addHandler(handler)
-    pipeline_logger.setLevel(logging.INFO)
-    try:
+    with collected_logs() as log:
         start = time.perf_counter()
         code = cli_main(argv)
         seconds = time.perf_counter() - start
-    finally:
-        pipeline_logger.removeHandler(handler)
-        pipeline_logger.setLevel(level)
     return {"data": data, "outside": outside, "out": out, "cache": cache, "argv": argv, "code": code,
-            "log": handler.lines, "before": before, "seconds": seconds}
+            "log": log, "before": before, "seconds": seconds}
 
 
 def test_messy_run_succeeds_and_ranks_everything(messy_run):

@@ -1,16 +1,12 @@
 """The backbone runtimes: TensorFlow Lite (XNNPACK) gives TensorFlow's outputs, its
 conversion is cached and redone when damaged, and the runtime choice is validated."""
 
-import logging
-
 import numpy as np
 import pytest
 from skimage import data
 
-from stages.common import logger
 from stages.common.backbone import efficientnet_lite as lite
 from stages.common.backbone import runtime
-from tests.conftest import Collect
 
 
 def _tiny_model(seed: int = 0):
@@ -24,16 +20,6 @@ def _tiny_model(seed: int = 0):
     rng = np.random.default_rng(seed)
     model.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32) for w in model.get_weights()])
     return model
-
-
-@pytest.fixture
-def log_lines():
-    handler, level = Collect(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler.lines
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def test_tflite_gives_tensorflow_outputs_of_the_shipped_backbone(weights_cache):
