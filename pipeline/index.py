@@ -145,10 +145,12 @@ def build(dataset, out_dir: Path, rc: RunConfig, engine: Engine | None = None,
     if "rerank" in rc.stages and dataset.train:
         calibration = calibrate_verification(rc, dataset, out_dir, global_dir, timings, source, engine)
     # The local store (its PCA learned now, as the batch run learns it) that queries use.
-    empty = out_dir / "pairs-none.txt"
-    write_pairs(empty, [])
-    local_dir = engine.local_extract(rc.local_conf, empty, dataset.references, rc.cache, rc.overwrite,
-                                     pca_source=source)
+    # No reference is described here: a query extracts those it shortlists, once (they stay cached).
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        empty = Path(tmp) / "pairs-none.txt"
+        write_pairs(empty, [])
+        local_dir = engine.local_extract(rc.local_conf, empty, dataset.references, rc.cache, rc.overwrite,
+                                         pca_source=source)
     meta = {
         "version": VERSION, "data": str(Path(dataset.root).resolve()), "config": rc.as_dict(),
         "cache": str(Path(rc.cache).resolve()), "global_store": str(Path(global_dir).resolve()),

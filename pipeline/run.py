@@ -143,12 +143,12 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, rankin
         start_rank += rc.top_k
         if not unverified or start_rank >= min(rc.expand_to, n_readable):
             if unverified:
-                logger.info("%d queries still have no reference with a same-product probability of %g+ down to "
-                            "rank %d", len(unverified), rc.expand_below, min(depth, n_readable))
+                logger.info("queries still without a reference of same-product probability %g+ down to rank %d: "
+                            "%d", rc.expand_below, min(depth, n_readable), len(unverified))
             return inlier_dir, windows
         end_rank = min(start_rank + rc.top_k, rc.expand_to, len(ref_names))
-        logger.info("%d queries have no reference with a same-product probability of %g+ in the top %d: "
-                    "verifying ranks %d-%d", len(unverified), rc.expand_below, start_rank, start_rank + 1, end_rank)
+        logger.info("queries without a reference of same-product probability %g+ in the top %d: %d; verifying "
+                    "their ranks %d-%d", rc.expand_below, start_rank, len(unverified), start_rank + 1, end_rank)
         window = out_dir / f"pairs-global-top{rc.top_k}-window{start_rank}.txt"
         write_pairs(window, [(q, ref_names[j]) for q in unverified for j in order[row[q], start_rank:end_rank]
                              if ref_names[j] not in unreadable])

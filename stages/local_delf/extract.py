@@ -225,7 +225,7 @@ def ensure_pca(store: FeatureStore, get_backend, conf: dict, source: PCASource) 
 def _learn_pca(store, backend, conf, source: PCASource, path) -> set[str]:
     sample = _pca_sample(source.images, conf["pca_max_images"])
     logger.info("learning local-descriptor PCA (%d -> %d) on %d %s images", backend.dim, conf["pca_dim"],
-                len(sample), source.kind)
+                len(sample), source.kind.removesuffix("s"))
     raw = {}
     for name in sample:
         try:
@@ -337,7 +337,8 @@ def main(conf: dict, pairs_path: Path, images: dict[str, Path], cache_root: Path
     if BACKENDS[conf["backend"]].needs_pca:
         pca, fresh = ensure_pca(store, get_backend, conf, source)
         if fresh:
-            logger.info("local features: %d %s images described while learning the PCA", len(fresh), source.kind)
+            logger.info("local features: %d %s images described while learning the PCA", len(fresh),
+                        source.kind.removesuffix("s"))
     jobs = [("queries", queries, conf["query_rotations"]), ("references", refs, [0])]
     for label, names, rotations in jobs:
         names = names[shard[0]::shard[1]]

@@ -339,7 +339,7 @@ def main(conf: dict, pairs_path: Path, local_store_dir: Path, cache_root: Path, 
     tasks = [(str(local.dir), q, refs, [stamps[r] for r in refs], conf) for q, refs in todo.items()]
     start, skipped = time.perf_counter(), 0
     try:
-        with Progress(n_pairs, "geometric verification", "pair") as bar:
+        with Progress(n_pairs, "geometric verification", "pairs") as bar:
             for query, refs, (inliers, matches) in _parallel(tasks, workers, backend):
                 bar.update(len(refs))
                 ok = inliers >= 0
