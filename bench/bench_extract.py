@@ -38,6 +38,18 @@ def pick(names: list[str], n: int) -> list[str]:
     return [names[i] for i in np.linspace(0, len(names) - 1, n).round().astype(int)]
 
 
+def load_images(data: Path, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """`n` evenly spaced queries and `n` references of a data folder, decoded:
+    ({name: uint8 RGB [H, W, 3]}, {name: ...})."""
+    from stages.common.dataset import load_dataset
+    from stages.common.images import read_image
+
+    dataset = load_dataset(data)
+    queries = {q: read_image(dataset.images[q]) for q in pick(sorted(dataset.queries), n)}
+    refs = {r: read_image(dataset.images[r]) for r in pick(sorted(dataset.references), n)}
+    return queries, refs
+
+
 def bench_global(images: dict[str, np.ndarray], cache: Path, resize_max: list[int]) -> tuple[str, dict]:
     from stages.common.conf import resolve
     from stages.global_embed import extract as g
@@ -138,15 +150,8 @@ def main():
     parser.add_argument("--skip-local", action="store_true")
     parser.add_argument("--json", type=Path, help="merge the measured numbers into this JSON file")
     args = parser.parse_args()
-    from stages.common.dataset import load_dataset
-    from stages.common.images import read_image
-
-    dataset = load_dataset(args.data)
-    q_names = pick(sorted(dataset.queries), args.images)
-    r_names = pick(sorted(dataset.references), args.images)
     with timed() as t:
-        queries = {n: read_image(dataset.images[n]) for n in q_names}
-        refs = {n: read_image(dataset.images[n]) for n in r_names}
+        queries, refs = load_images(args.data, args.images)
     print(header("Feature stages: throughput"))
     sizes = [f"{a.shape[1]}x{a.shape[0]}" for a in list(queries.values())[:2] + list(refs.values())[:2]]
     print(f"{len(queries)} queries + {len(refs)} references of smvs_dvd (e.g. {', '.join(sizes)}); JPEG decode "

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_extract import pick  # noqa: E402
+from bench.bench_extract import load_images  # noqa: E402
 from bench.common import SMVS, fmt, header, peak_rss_mib, save_results, table, timed  # noqa: E402
 
 
@@ -99,12 +99,7 @@ def main():
                         help="comma-separated runtimes, the first is the reference (tf, tflite)")
     parser.add_argument("--json", type=Path, help="merge the measured numbers into this JSON file")
     args = parser.parse_args()
-    from stages.common.dataset import load_dataset
-    from stages.common.images import read_image
-
-    dataset = load_dataset(args.data)
-    queries = {n: read_image(dataset.images[n]) for n in pick(sorted(dataset.queries), args.images)}
-    refs = {n: read_image(dataset.images[n]) for n in pick(sorted(dataset.references), args.images)}
+    queries, refs = load_images(args.data, args.images)
     print(header("Backbone runtimes"))
     print(f"{len(queries)} queries + {len(refs)} references of smvs_dvd.\n")
     text, numbers = run(queries, refs, args.cache, args.runtimes.split(","))

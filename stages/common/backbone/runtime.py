@@ -4,18 +4,17 @@ The Keras model stays the single definition of the network. For the "tflite" run
 converted once (Keras SavedModel export, then ``tf.lite.TFLiteConverter``) into a
 ``.tflite`` file under ``<cache>/weights/``, named by a digest of the architecture, the
 requested endpoints, every weight and the TensorFlow version, so changed weights are
-converted again. TFLite's XNNPACK CPU delegate (in the tensorflow wheel) ran
-EfficientNet-Lite0 3.6x faster than TensorFlow on 2 cores (24 ms against 88 ms at
-384 x 512, BENCHMARKS.md "Runtime"), with outputs equal to 4e-5 (ReLU6 maps, values up
-to 6). A GPU keeps TensorFlow, which TFLite cannot use there.
+converted again. TFLite's XNNPACK CPU delegate (in the tensorflow wheel) runs the
+pipeline's global and local extraction about 2x faster than TensorFlow on 2 cores, with
+the same outputs to float32 noise (`bench/bench_runtime.py`, BENCHMARKS.md "Backbone
+runtimes"). A GPU keeps TensorFlow, which TFLite cannot use there.
 
 The runtime is not part of any feature cache key: both run the same network on the same
-weights, and `tests/test_backbone.py` checks that they agree.
+weights, and `tests/test_runtime.py` checks that they agree.
 """
 
 import hashlib
 import os
-import shutil
 import tempfile
 import threading
 import warnings
@@ -52,12 +51,16 @@ def configure(runtime: str | None = None, threads: int | None = None) -> None:
         ValueError: unknown runtime.
     """
     if runtime is not None:
-        if runtime not in RUNTIMES:
-            raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
-        _settings["runtime"] = runtime
+        _settings["runtime"] = _checked(runtime)
         os.environ[ENV_VAR] = runtime  # worker processes started from here inherit it
     if threads is not None:
         _settings["threads"] = int(threads)
+
+
+def _checked(runtime: str) -> str:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    return runtime
 
 
 def selected_runtime() -> str:
@@ -97,9 +100,7 @@ def compile_model(model, cache_dir: Path, runtime: str | None = None):
     Raises:
         ValueError: unknown runtime.
     """
-    runtime = selected_runtime() if runtime in (None, "auto") else runtime
-    if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    runtime = selected_runtime() if runtime in (None, "auto") else _checked(runtime)
     if runtime == "tflite":
         try:
             return TFLiteRunner(model, Path(cache_dir))
@@ -153,7 +154,6 @@ def convert_to_tflite(model, path: Path) -> bytes:
         model.export(str(saved), format="tf_saved_model", verbose=False,
                      input_signature=[keras.InputSpec(shape=(1, None, None, 3), dtype="float32")])
         blob = tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert()
-        shutil.rmtree(saved, ignore_errors=True)
     atomic_write_bytes(path, blob)
     return blob
 
