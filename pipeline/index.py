@@ -340,7 +340,7 @@ def query(loaded: LoadedIndex, photos, out_dir: Path, engine: Engine | None = No
                            loaded.meta["local_store"])
         if "rerank" in rc.stages:
             calibration = loaded.folder / CALIBRATION if loaded.meta.get("calibration") else None
-            inlier_dir, windows = verify_with_expansion(
+            inlier_dir, windows, _ = verify_with_expansion(
                 rc, SimpleNamespace(images=all_images), out_dir, ranking_path, pairs_path, Path(local_dir), timings,
                 rerank_calibrate.read(calibration), unreadable, engine, source)
             path = rerank_merge.main(rc.rerank_conf["merge"], ranking_path, windows, inlier_dir, out_dir,

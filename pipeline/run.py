@@ -122,7 +122,8 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, rankin
     (default: a `LocalEngine` of `rc.workers`); `pca_source` is handed to the local stage.
 
     Returns:
-        (the inlier cache folder, every shortlist file verified: the top-k one first).
+        (the inlier cache folder, every shortlist file verified: the top-k one first,
+         {query: {reference: inliers}} of those files, as `load_all_inliers` reads them).
     """
     engine = engine or LocalEngine(rc.workers)
     ranking = read_ranking(ranking_path)
@@ -145,7 +146,7 @@ def verify_with_expansion(rc: RunConfig, dataset: Dataset, out_dir: Path, rankin
             if unverified:
                 logger.info("queries still without a reference of same-product probability %g+ down to rank %d: "
                             "%d", rc.expand_below, min(depth, n_readable), len(unverified))
-            return inlier_dir, windows
+            return inlier_dir, windows, inliers
         end_rank = min(start_rank + rc.top_k, rc.expand_to, len(ref_names))
         logger.info("queries without a reference of same-product probability %g+ in the top %d: %d; verifying "
                     "their ranks %d-%d", rc.expand_below, start_rank, len(unverified), start_rank + 1, end_rank)
@@ -282,11 +283,11 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig, engine: Engine | None = 
     if "rerank" in stages:
         calibration = (calibrate_verification(rc, dataset, out_dir, global_dir, timings, pca_source, engine)
                        if dataset.train else None)
-        inlier_dir, windows = verify_with_expansion(rc, dataset, out_dir, ranking_path, pairs_path, local_dir,
-                                                    timings, rerank_calibrate.read(calibration), unreadable, engine,
-                                                    pca_source)
+        inlier_dir, windows, inliers = verify_with_expansion(
+            rc, dataset, out_dir, ranking_path, pairs_path, local_dir, timings, rerank_calibrate.read(calibration),
+            unreadable, engine, pca_source)
         merger = rerank_merge.Merger(rc.rerank_conf["merge"], ranking_path, windows, inlier_dir, calibration,
-                                     out_dir / global_rank.REFERENCE_DESCRIPTORS)
+                                     out_dir / global_rank.REFERENCE_DESCRIPTORS, inliers)
         ranked = ("global", "rerank")
     # rankings.json, nsml_results.json and the metrics of every stage, a batch of queries at a time
     start = time.perf_counter()
@@ -298,7 +299,8 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig, engine: Engine | None = 
     if merger is not None:
         merger.log_expansion()
         # read from the inlier cache once, for verification_stats.json and the report
-        pairs_table = verified_pairs(ranking_path, windows, inlier_dir, rerank_calibrate.read(calibration))
+        pairs_table = verified_pairs(ranking_path, windows, inlier_dir, rerank_calibrate.read(calibration),
+                                     merger.inliers)
         verification = verification_stats(ranking_path, windows, inlier_dir, calibration, dataset.ground_truth,
                                           out_dir / "verification_stats.json", pairs_table)
     if in_memory:

@@ -93,7 +93,8 @@ def settled(monkeypatch):
     reads = []
     original = cache.load_npz
     for module in (cache, matrix):
-        monkeypatch.setattr(module, "load_npz", lambda path: reads.append(Path(path).stem) or original(path))
+        monkeypatch.setattr(module, "load_npz",
+                            lambda path, keys=None: reads.append(Path(path).stem) or original(path, keys))
     return reads
 
 

@@ -62,3 +62,14 @@ def test_evaluate_hand_computed_means():
 def test_evaluate_without_any_ground_truth_is_nan():
     m = evaluate({"q": ["a"]}, {})
     assert m["n_queries"] == 0 and np.isnan(m["mAP"])
+
+
+def test_roc_auc_hand_computed():
+    """Positives 3, 2, 1 against negatives 2, 0: of the 6 pairs the positive wins 4 and
+    ties 1 (2 vs 2), so AUC = (4 + 0.5) / 6; either side empty has no AUC."""
+    from pipeline.analysis import roc_auc
+
+    assert roc_auc([3, 2, 1], [2, 0]) == pytest.approx(4.5 / 6)
+    assert roc_auc([1, 1], [1]) == pytest.approx(0.5)
+    assert roc_auc([5], [1, 2, 9]) == pytest.approx(2 / 3)
+    assert roc_auc([], [1]) is None and roc_auc([1], []) is None

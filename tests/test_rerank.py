@@ -380,3 +380,22 @@ def test_align_inliers_follows_the_ranking():
     inliers = {"qa": {"r2": 30, "r1": 4}, "qb": {"r0": 9}}
     out = merge.align_inliers(["qa", "qb"], ["r0", "r1", "r2"], order, inliers, top_k=2)
     assert [a.tolist() for a in out] == [[30, 0], [0, 0]]
+
+
+def test_cached_counts_are_read_again_when_the_entry_is_rewritten(tmp_path):
+    """`read_counts` keeps counts in memory for the run's repeated reads, but a query entry
+    rewritten since (more pairs verified) is read again, and `load_inliers` sees the new
+    counts; an entry that is deleted has none."""
+    store = FeatureStore(tmp_path / "cache", "rerank", {"name": "t"}, "k1")
+
+    def write(names, counts):
+        store.write("q", {"ref_names": np.array(names), "inliers": np.array(counts, np.int32),
+                          "ref_stamps": np.array(["s"] * len(names))})
+
+    write(["a", "b"], [12, 0])
+    assert inliers.load_inliers(store, {"q": ["a", "b", "c"]}) == {"q": {"a": 12, "b": 0}}
+    assert inliers.read_counts(store, "q") is inliers.read_counts(store, "q")  # read once
+    write(["a", "b", "c"], [12, 0, 40])
+    assert inliers.load_inliers(store, {"q": ["a", "b", "c"]}) == {"q": {"a": 12, "b": 0, "c": 40}}
+    store.path("q").unlink()
+    assert inliers.read_counts(store, "q") is None

@@ -132,15 +132,16 @@ def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
-def load_npz(path: Path) -> dict[str, np.ndarray]:
-    """Reads every array of an .npz into memory.
+def load_npz(path: Path, keys=None) -> dict[str, np.ndarray]:
+    """Reads every array of an .npz into memory, or only those named in `keys` (the names
+    it does not hold are left out).
 
     Raises:
         ValueError: the file is not a readable .npz (truncated, corrupt, or not a zip).
     """
     try:
         with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
+            return {k: f[k] for k in f.files if keys is None or k in keys}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
         raise ValueError(f"{path}: unreadable feature file ({e})") from e
 
@@ -334,9 +335,10 @@ class FeatureStore:
             arrays[RETRY_KEY] = np.array(True)
         self.write(name, arrays, source)
 
-    def read(self, name: str, source: Path | None = None) -> dict[str, np.ndarray]:
+    def read(self, name: str, source: Path | None = None, keys=None) -> dict[str, np.ndarray]:
         """Reads the feature arrays of image `name` (an entry written by `write_error`
-        holds only "error").
+        holds only "error"), or only those named in `keys` (and "error" where present):
+        a warm run that needs a few small arrays of each entry skips the rest.
 
         Raises:
             KeyError: no feature file for `name`.
@@ -346,7 +348,7 @@ class FeatureStore:
         path = self.path(name)
         if not path.exists():
             raise KeyError(name)
-        arrays = load_npz(path)
+        arrays = load_npz(path, None if keys is None else {*keys, HASH_KEY, SOURCE_KEY, RETRY_KEY, ERROR_KEY})
         stamp = arrays.pop(HASH_KEY, None)
         if stamp is None or str(stamp) != self.key:
             raise ValueError(f"{path}: conf hash {stamp} differs from {self.key}")
@@ -356,10 +358,10 @@ class FeatureStore:
             raise ValueError(f"{path}: source file {source} changed since it was cached")
         return arrays
 
-    def read_or_none(self, name: str, source: Path | None = None) -> dict[str, np.ndarray] | None:
+    def read_or_none(self, name: str, source: Path | None = None, keys=None) -> dict[str, np.ndarray] | None:
         """Like `read`, but a corrupt or stale entry is logged, deleted and reported as missing."""
         try:
-            return self.read(name, source)
+            return self.read(name, source, keys)
         except KeyError:
             return None
         except ValueError as e:

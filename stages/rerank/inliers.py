@@ -1,12 +1,69 @@
 """Reading the inlier cache that `verify.main` writes."""
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from stages.common import logger
-from stages.common.cache import FeatureStore
+from stages.common.cache import FeatureStore, source_stamp
+from stages.common.manifest import file_stat
 from stages.common.shortlist import read_pairs
+
+COUNT_KEYS = ("ref_names", "inliers", "ref_stamps")  # what a count needs; the matches are larger
+MEMO_PAIRS = 1_000_000  # pairs whose counts `read_counts` keeps in memory (about 200 MB)
+
+
+class _CountsMemo:
+    """The counts of recently read entries, least recently used dropped first, at most
+    `max_pairs` pairs in all."""
+
+    def __init__(self, max_pairs: int):
+        self.max_pairs, self.pairs = max_pairs, 0
+        self.entries: OrderedDict[tuple, dict[str, tuple[int, str]]] = OrderedDict()
+
+    def get(self, key: tuple) -> dict[str, tuple[int, str]] | None:
+        counts = self.entries.get(key)
+        if counts is not None:
+            self.entries.move_to_end(key)
+        return counts
+
+    def put(self, key: tuple, counts: dict[str, tuple[int, str]]) -> None:
+        self.entries[key] = counts
+        self.pairs += len(counts)
+        while self.pairs > self.max_pairs and len(self.entries) > 1:
+            self.pairs -= len(self.entries.popitem(last=False)[1])
+
+
+_memo = _CountsMemo(MEMO_PAIRS)
+
+
+def read_counts(store: FeatureStore, query: str, source: Path | None = None) -> dict[str, tuple[int, str]] | None:
+    """The cached counts of one query: {reference: (inliers, the stamp of the reference's
+    local-feature file when it was verified)}; None when the query has no usable entry
+    (absent; damaged or, with `source`, made from another version of it: then logged and
+    deleted, see `FeatureStore.read_or_none`). Reads no matches.
+
+    A run asks for the same entries several times (each deeper window, the merge, the
+    analysis), so the counts are kept in memory (`MEMO_PAIRS`), keyed by the entry file's
+    size, mtime and inode and the stamp of `source`: a rewritten entry is read again. The
+    returned dict is shared: do not modify it.
+    """
+    path = store.path(query)
+    stat = file_stat(path)
+    if stat is None:
+        return None
+    key = (str(path), stat, None if source is None else source_stamp(source))
+    counts = _memo.get(key)
+    if counts is None:
+        entry = store.read_or_none(query, source, COUNT_KEYS)
+        if entry is None:
+            return None
+        names = entry["ref_names"].tolist()
+        stamps = entry["ref_stamps"].tolist() if "ref_stamps" in entry else [""] * len(names)  # "": never current
+        counts = {r: (n, s) for r, n, s in zip(names, entry["inliers"].tolist(), stamps, strict=True)}
+        _memo.put(key, counts)
+    return counts
 
 
 def load_inliers(store, pairs) -> dict[str, dict[str, int]]:
@@ -28,13 +85,22 @@ def load_inliers(store, pairs) -> dict[str, dict[str, int]]:
         pairs = read_pairs(pairs)
     out, missing = {}, 0
     for query, refs in pairs.items():
-        entry = store.read_or_none(query)
-        cached = {} if entry is None else dict(zip(entry["ref_names"].tolist(), entry["inliers"].tolist(),
-                                                   strict=True))
-        out[query] = {r: int(cached[r]) for r in refs if r in cached}
+        cached = read_counts(store, query) or {}
+        out[query] = {r: cached[r][0] for r in refs if r in cached}
         missing += len(set(refs)) - len(out[query])
     if missing:
         logger.warning("%d shortlisted pairs have no cached inlier count (treated as unverified)", missing)
+    return out
+
+
+def load_all_inliers(store, pairs_paths) -> dict[str, dict[str, int]]:
+    """`load_inliers` of several shortlist files (or one) merged: {query: {reference: inliers}}."""
+    if not isinstance(store, FeatureStore):
+        store = FeatureStore.open(Path(store))
+    out: dict[str, dict[str, int]] = {}
+    for path in [pairs_paths] if isinstance(pairs_paths, (str, Path)) else pairs_paths:
+        for query, counts in load_inliers(store, path).items():
+            out.setdefault(query, {}).update(counts)
     return out
 
 

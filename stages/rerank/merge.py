@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from stages.common import logger, setup_logging
-from stages.common.cache import FeatureStore
 from stages.common.conf import resolve
 from stages.common.rankings_json import RankingsWriter, needs_ascii
 from stages.common.shortlist import RankingFile
 
 from . import calibrate, verified_qe
-from .inliers import load_inliers
+from .inliers import load_all_inliers
 
 RULES = ("calibrated", "delg", "weighted")
 INLIER_CAP = 70  # inliers at which the weighted rule's bonus saturates
@@ -185,14 +184,17 @@ class Merger:
     rankings (`stages.common.shortlist.RankingFile.full`) on demand, so that memory is
     bounded by the batch, not by queries x references.
 
-    Args: as `main` (without `out_dir`).
+    Args: as `main` (without `out_dir`), and `inliers`: {query: {reference: inliers}} of
+        `pairs_paths` when the caller has them (`load_inliers`; read from the inlier cache
+        otherwise).
 
     Raises:
         ValueError: an unknown rule, or descriptors of other references than the ranking's.
     """
 
     def __init__(self, conf: dict, ranking_path: Path, pairs_paths, inliers_dir: Path,
-                 calibration_path: Path | None = None, descriptors_path: Path | None = None):
+                 calibration_path: Path | None = None, descriptors_path: Path | None = None,
+                 inliers: dict[str, dict[str, int]] | None = None):
         if conf["rule"] not in RULES:
             raise ValueError(f"unknown merge rule {conf['rule']!r}; choose one of {RULES}")
         logger.info("merge, conf: %s", conf)
@@ -200,11 +202,7 @@ class Merger:
         self.ranking = RankingFile(ranking_path)
         self.query_names = self.ranking.query_names.tolist()
         self.ref_names = self.ranking.ref_names.tolist()
-        store = FeatureStore.open(Path(inliers_dir))
-        self.inliers: dict[str, dict[str, int]] = {}
-        for path in [pairs_paths] if isinstance(pairs_paths, (str, Path)) else pairs_paths:
-            for query, counts in load_inliers(store, path).items():
-                self.inliers.setdefault(query, {}).update(counts)
+        self.inliers = load_all_inliers(inliers_dir, pairs_paths) if inliers is None else inliers
         self.depth = self._verified_depth()
         self.calibration = calibrate.read(calibration_path)
         self.ref_desc = None

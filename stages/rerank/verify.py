@@ -38,7 +38,7 @@ from stages.common.progress import Progress
 from stages.common.shortlist import read_pairs
 
 from . import matching, merge, ransac
-from .inliers import split_matches
+from .inliers import read_counts, split_matches
 
 default_conf = {
     "matcher": {"method": "mutual_nn", "distance_threshold": 0.8, "ratio": 0.8},
@@ -230,9 +230,7 @@ def cached_pairs(store: FeatureStore, query: str, local: FeatureStore,
     `query`, without the pairs whose local features changed since (or whose query entry is
     unreadable)."""
     source = local.path(query)
-    if not source.exists():
-        return {}
-    entry = store.read_or_none(query, source)
+    entry = store.read_or_none(query, source) if source.exists() else None
     if entry is None:
         return {}
     return {str(r): (int(n), m) for r, n, s, m in zip(entry["ref_names"], entry["inliers"], entry["ref_stamps"],
@@ -241,8 +239,10 @@ def cached_pairs(store: FeatureStore, query: str, local: FeatureStore,
 
 def cached_inliers(store: FeatureStore, query: str, local: FeatureStore, stamps: dict) -> dict[str, int]:
     """{reference: inliers} cached for `query`, without the pairs whose local features
-    changed since (or whose query entry is unreadable)."""
-    return {r: n for r, (n, _) in cached_pairs(store, query, local, stamps).items()}
+    changed since (or whose query entry is unreadable); reads no matches (`read_counts`)."""
+    source = local.path(query)
+    counts = read_counts(store, query, source) if source.exists() else None
+    return {} if counts is None else {r: n for r, (n, s) in counts.items() if stamps[r] == s}
 
 
 def entry_arrays(pairs: dict[str, tuple[int, Matches | None]], stamps: dict) -> dict[str, np.ndarray]:
