@@ -298,7 +298,7 @@ def run(dataset: Dataset, out_dir: Path, rc: RunConfig, engine: Engine | None = 
                 " and ".join(ranked), len(query_names), len(ref_names), time.perf_counter() - start)
     if merger is not None:
         merger.log_expansion()
-        # read from the inlier cache once, for verification_stats.json and the report
+        # the merge's inlier counts, for verification_stats.json and the report
         pairs_table = verified_pairs(ranking_path, windows, inlier_dir, rerank_calibrate.read(calibration),
                                      merger.inliers)
         verification = verification_stats(ranking_path, windows, inlier_dir, calibration, dataset.ground_truth,

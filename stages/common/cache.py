@@ -338,7 +338,8 @@ class FeatureStore:
     def read(self, name: str, source: Path | None = None, keys=None) -> dict[str, np.ndarray]:
         """Reads the feature arrays of image `name` (an entry written by `write_error`
         holds only "error"), or only those named in `keys` (and "error" where present):
-        a warm run that needs a few small arrays of each entry skips the rest.
+        a warm run that needs a few small arrays of each entry skips the rest. `keys`
+        naming `SOURCE_KEY` also gets the stamp of the source file the entry was made from.
 
         Raises:
             KeyError: no feature file for `name`.
@@ -353,7 +354,7 @@ class FeatureStore:
         if stamp is None or str(stamp) != self.key:
             raise ValueError(f"{path}: conf hash {stamp} differs from {self.key}")
         arrays.pop(RETRY_KEY, None)
-        made_from = arrays.pop(SOURCE_KEY, None)
+        made_from = arrays.get(SOURCE_KEY) if keys is not None and SOURCE_KEY in keys else arrays.pop(SOURCE_KEY, None)
         if source is not None and (made_from is None or str(made_from) != source_stamp(source)):
             raise ValueError(f"{path}: source file {source} changed since it was cached")
         return arrays

@@ -81,8 +81,8 @@ def _faiss_top(index, block: np.ndarray, ref_t: np.ndarray, k: int, k_search: in
     # Each descriptor's k best are k distinct references, so the k-th best reference scores
     # at least the highest k-th score of any descriptor: the candidates below it are dropped
     # before sorting.
-    full = ids[:, :, k - 1] >= 0
-    floors = np.where(full, sims[:, :, k - 1], -np.inf).max(axis=1)
+    has_k = ids[:, :, k - 1] >= 0
+    floors = np.where(has_k, sims[:, :, k - 1], -np.inf).max(axis=1)
     for i in range(b):
         keep = sims[i] >= floors[i]
         top_ids, top_sims = _top_of_candidates(ids[i][keep], sims[i][keep], k)

@@ -6,33 +6,33 @@ from pathlib import Path
 import numpy as np
 
 from stages.common import logger
-from stages.common.cache import FeatureStore, source_stamp
+from stages.common.cache import SOURCE_KEY, FeatureStore, source_stamp
 from stages.common.manifest import file_stat
 from stages.common.shortlist import read_pairs
 
 COUNT_KEYS = ("ref_names", "inliers", "ref_stamps")  # what a count needs; the matches are larger
-MEMO_PAIRS = 1_000_000  # pairs whose counts `read_counts` keeps in memory (about 200 MB)
+MEMO_PAIRS = 1_000_000  # pairs whose counts `read_counts` keeps in memory
 
 
 class _CountsMemo:
     """The counts of recently read entries, least recently used dropped first, at most
-    `max_pairs` pairs in all."""
+    `max_pairs` pairs in all: {key: ({reference: (inliers, stamp)}, source stamp or None)}."""
 
     def __init__(self, max_pairs: int):
         self.max_pairs, self.pairs = max_pairs, 0
-        self.entries: OrderedDict[tuple, dict[str, tuple[int, str]]] = OrderedDict()
+        self.entries: OrderedDict[tuple, tuple[dict[str, tuple[int, str]], str | None]] = OrderedDict()
 
-    def get(self, key: tuple) -> dict[str, tuple[int, str]] | None:
-        counts = self.entries.get(key)
-        if counts is not None:
+    def get(self, key: tuple) -> tuple[dict[str, tuple[int, str]], str | None] | None:
+        value = self.entries.get(key)
+        if value is not None:
             self.entries.move_to_end(key)
-        return counts
+        return value
 
-    def put(self, key: tuple, counts: dict[str, tuple[int, str]]) -> None:
-        self.entries[key] = counts
-        self.pairs += len(counts)
+    def put(self, key: tuple, value: tuple[dict[str, tuple[int, str]], str | None]) -> None:
+        self.entries[key] = value
+        self.pairs += len(value[0])
         while self.pairs > self.max_pairs and len(self.entries) > 1:
-            self.pairs -= len(self.entries.popitem(last=False)[1])
+            self.pairs -= len(self.entries.popitem(last=False)[1][0])
 
 
 _memo = _CountsMemo(MEMO_PAIRS)
@@ -46,23 +46,29 @@ def read_counts(store: FeatureStore, query: str, source: Path | None = None) -> 
 
     A run asks for the same entries several times (each deeper window, the merge, the
     analysis), so the counts are kept in memory (`MEMO_PAIRS`), keyed by the entry file's
-    size, mtime and inode and the stamp of `source`: a rewritten entry is read again. The
+    size, mtime and inode, with the stamp of the source file the entry was made from
+    (checked against `source` on every call): a rewritten entry is read again. The
     returned dict is shared: do not modify it.
     """
     path = store.path(query)
     stat = file_stat(path)
     if stat is None:
         return None
-    key = (str(path), stat, None if source is None else source_stamp(source))
-    counts = _memo.get(key)
-    if counts is None:
-        entry = store.read_or_none(query, source, COUNT_KEYS)
+    key = (str(path), stat)
+    value = _memo.get(key)
+    if value is None:
+        entry = store.read_or_none(query, keys=(*COUNT_KEYS, SOURCE_KEY))
         if entry is None:
             return None
         names = entry["ref_names"].tolist()
         stamps = entry["ref_stamps"].tolist() if "ref_stamps" in entry else [""] * len(names)  # "": never current
-        counts = {r: (n, s) for r, n, s in zip(names, entry["inliers"].tolist(), stamps, strict=True)}
-        _memo.put(key, counts)
+        made_from = str(entry[SOURCE_KEY]) if SOURCE_KEY in entry else None
+        value = ({r: (n, s) for r, n, s in zip(names, entry["inliers"].tolist(), stamps, strict=True)}, made_from)
+        _memo.put(key, value)
+    counts, made_from = value
+    if source is not None and made_from != source_stamp(source):
+        store.read_or_none(query, source, COUNT_KEYS)  # logs and deletes the stale entry
+        return None
     return counts
 
 

@@ -185,7 +185,7 @@ class Merger:
     bounded by the batch, not by queries x references.
 
     Args: as `main` (without `out_dir`), and `inliers`: {query: {reference: inliers}} of
-        `pairs_paths` when the caller has them (`load_inliers`; read from the inlier cache
+        `pairs_paths` when the caller has them (`load_all_inliers`; read from the inlier cache
         otherwise).
 
     Raises:

@@ -230,7 +230,9 @@ def cached_pairs(store: FeatureStore, query: str, local: FeatureStore,
     `query`, without the pairs whose local features changed since (or whose query entry is
     unreadable)."""
     source = local.path(query)
-    entry = store.read_or_none(query, source) if source.exists() else None
+    if not source.exists():
+        return {}
+    entry = store.read_or_none(query, source)
     if entry is None:
         return {}
     return {str(r): (int(n), m) for r, n, s, m in zip(entry["ref_names"], entry["inliers"], entry["ref_stamps"],
