@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import header, table  # noqa: E402
 from pipeline.analysis import roc_auc  # noqa: E402
-from pipeline.evaluate import average_precision, relevant_ranks  # noqa: E402
+from pipeline.evaluate import evaluate  # noqa: E402
 from stages.common.cache import FeatureStore  # noqa: E402
-from stages.common.dataset import read_ground_truth  # noqa: E402
-from stages.rerank import verify  # noqa: E402
+from stages.common.dataset import load_dataset, read_ground_truth  # noqa: E402
+from stages.local_delf import extract as local_extract  # noqa: E402
+from stages.rerank import verified_qe, verify  # noqa: E402
 from stages.rerank.inliers import load_all_inliers  # noqa: E402
 
 MERGE_GRID = {"t": [20, 30, 40, 60], "w": [0.002, 0.005, 0.01, 0.02]}
@@ -54,8 +55,7 @@ def kinds_of(data: Path, ground_truth: dict[str, set[str]]) -> dict[str, list[st
 
 def mean_ap(lists: dict[str, list[str]], ground_truth: dict[str, set[str]], kinds: dict) -> list[float]:
     """mAP of {query: ranked references} over each kind's queries, in `kinds` order."""
-    ap = {q: average_precision(relevant_ranks(lists[q], ground_truth[q]), len(ground_truth[q])) for q in lists}
-    return [float(np.mean([ap[q] for q in queries])) for queries in kinds.values()]
+    return [evaluate({q: lists[q] for q in queries}, ground_truth)["mAP"] for queries in kinds.values()]
 
 
 def merged(names, refs, order, scores, inliers, t: float, w: float) -> dict[str, list[str]]:
@@ -70,18 +70,19 @@ def merged(names, refs, order, scores, inliers, t: float, w: float) -> dict[str,
 
 
 def oracle_expansion(names, refs, order, scores, ref_desc, final, ground_truth, beta: float) -> dict:
-    """Each query expanded with the first relevant reference of its final ranking (kept
-    first); the rest sorted by global score + beta * cosine to that reference."""
+    """The pipeline's verified query expansion (`verified_qe.expand`) with the first
+    relevant reference of each final ranking as the one confident reference, put first; the
+    rest sorted by global score + beta * cosine to that reference."""
     column = {r: j for j, r in enumerate(refs)}
-    out = {}
-    for i, query in enumerate(names):
-        by_ref = np.full(len(refs), -np.inf)
-        by_ref[order[i]] = scores[i]
-        anchor = column[next(r for r in final[query] if r in ground_truth[query])]
-        key = by_ref + beta * (ref_desc @ ref_desc[anchor])
-        key[anchor] = np.inf
-        out[query] = [refs[j] for j in np.argsort(-key, kind="stable")]
-    return out
+    by_ref = np.full(order.shape, -np.inf)
+    np.put_along_axis(by_ref, order.astype(np.int64), scores, axis=1)
+    anchors = np.array([column[next(r for r in final[q] if r in ground_truth[q])] for q in names])
+    confident = np.zeros(order.shape, bool)
+    confident[np.arange(len(names)), anchors] = True
+    rest = np.tile(np.arange(len(refs)), (len(names), 1))[~confident].reshape(len(names), -1)
+    anchored = np.column_stack([anchors, rest])
+    expanded = verified_qe.expand(anchored, by_ref, confident, np.sqrt(beta) * ref_desc, 1)
+    return {q: [refs[j] for j in expanded[i]] for i, q in enumerate(names)}
 
 
 def reference_pairs_auc(refs, ref_desc, local: FeatureStore, ground_truth, neighbours: int,
@@ -128,7 +129,9 @@ def main(argv=None) -> str:
     kinds = kinds_of(args.data, ground_truth)
 
     conf = json.loads((args.run / "config.json").read_text())
-    local = _local_store(args.cache, conf)
+    local = local_extract.store_for(conf["local"], args.cache, local_extract.pca_source(load_dataset(args.data)))
+    if not local.path(refs[0]).exists():
+        raise SystemExit(f"{local.dir} holds no local features of {refs[0]}: not the cache this run used")
     inlier_store = verify.store_for(conf["rerank"], args.cache, local)
     inliers = load_all_inliers(inlier_store, sorted(args.run.glob("pairs-global-top*.txt")))
 
@@ -150,15 +153,6 @@ def main(argv=None) -> str:
     ])
     print(text)
     return text
-
-
-def _local_store(cache: Path, conf: dict) -> FeatureStore:
-    """The local-feature store the run wrote (named by its conf in the cache)."""
-    name = conf["local"]["name"]
-    stores = sorted((cache / "local").glob(f"{name}-*"), key=lambda p: p.stat().st_mtime)
-    if not stores:
-        raise SystemExit(f"no {name} local-feature store under {cache / 'local'}")
-    return FeatureStore.open(stores[-1])
 
 
 if __name__ == "__main__":
